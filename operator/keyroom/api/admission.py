@@ -1,0 +1,86 @@
+"""The ValidatingAdmissionPolicy that makes SignRequest identities authentic.
+
+The API server, not the operator, checks who asked and who approved, from
+``request.userInfo`` of the very request that writes the object:
+
+- at creation, ``spec.requester`` equals the creating user and no approval is present;
+- on update, at most one approval is appended, by the updating user themself,
+  with the updating user's groups, and no existing entry is removed or edited.
+
+So a requester can never forge, remove or self-count an approval, and no
+webhook must be up for anyone to work. The operator then decides whether the
+authentic approvals satisfy the policy.
+"""
+from __future__ import annotations
+
+from keyroom.api.common import GROUP
+
+POLICY_NAME = "keyroom-signrequest-identity"
+
+
+def _same_set(a: str, b: str) -> str:
+    return f"{a}.all(g, g in {b}) && {b}.all(g, g in {a})"
+
+
+def _check(expression: str, message_expression: str) -> dict:
+    return {"expression": expression, "messageExpression": message_expression, "reason": "Forbidden"}
+
+
+def validating_admission_policy() -> dict:
+    created = "request.operation == 'CREATE'"
+    updated = "request.operation == 'UPDATE'"
+    appended = "variables.newApprovals[size(variables.newApprovals) - 1]"
+    return {
+        "apiVersion": "admissionregistration.k8s.io/v1",
+        "kind": "ValidatingAdmissionPolicy",
+        "metadata": {"name": POLICY_NAME, "labels": {"app.kubernetes.io/part-of": "keyroom"}},
+        "spec": {
+            "failurePolicy": "Fail",
+            "matchConstraints": {"resourceRules": [{
+                "apiGroups": [GROUP], "apiVersions": ["*"],
+                "operations": ["CREATE", "UPDATE"], "resources": ["signrequests"],
+            }]},
+            "variables": [
+                {"name": "callerGroups",
+                 "expression": "has(request.userInfo.groups) ? request.userInfo.groups : []"},
+                {"name": "newApprovals",
+                 "expression": "has(object.spec.approvals) ? object.spec.approvals : []"},
+                {"name": "oldApprovals",
+                 "expression": f"{updated} && has(oldObject.spec.approvals) ? oldObject.spec.approvals : []"},
+                {"name": "requesterGroups",
+                 "expression": "has(object.spec.requester.groups) ? object.spec.requester.groups : []"},
+                {"name": "appendedOne",
+                 "expression": f"{updated} && size(variables.newApprovals) == size(variables.oldApprovals) + 1"},
+            ],
+            "validations": [
+                _check(f"!({created}) || object.spec.requester.username == request.userInfo.username",
+                       "'spec.requester.username must be your own username \"' + request.userInfo.username + "
+                       "'\", not \"' + object.spec.requester.username + '\"'"),
+                _check(f"!({created}) || ({_same_set('variables.requesterGroups', 'variables.callerGroups')})",
+                       "'spec.requester.groups must be exactly your groups [' + "
+                       "variables.callerGroups.join(', ') + '] (kubectl auth whoami shows them)'"),
+                _check(f"!({created}) || size(variables.newApprovals) == 0",
+                       "'a SignRequest cannot carry approvals when it is created; approvers add them afterwards "
+                       "with kubectl keyroom approve'"),
+                _check(f"!({updated}) || size(variables.newApprovals) <= size(variables.oldApprovals) + 1",
+                       "'append exactly one approval per update'"),
+                _check(f"!({updated}) || (size(variables.newApprovals) >= size(variables.oldApprovals) && "
+                       "variables.newApprovals.slice(0, size(variables.oldApprovals)) == variables.oldApprovals)",
+                       "'approvals are append-only: existing entries cannot be removed or edited'"),
+                _check(f"!variables.appendedOne || {appended}.user == request.userInfo.username",
+                       f"'an approval must be your own: user must be \"' + request.userInfo.username + "
+                       f"'\", not \"' + {appended}.user + '\"'"),
+                _check(f"!variables.appendedOne || ({_same_set(f'(has({appended}.groups) ? {appended}.groups : [])', 'variables.callerGroups')})",
+                       "'an approval must carry exactly your groups [' + variables.callerGroups.join(', ') + ']'"),
+            ],
+        },
+    }
+
+
+def validating_admission_policy_binding() -> dict:
+    return {
+        "apiVersion": "admissionregistration.k8s.io/v1",
+        "kind": "ValidatingAdmissionPolicyBinding",
+        "metadata": {"name": POLICY_NAME, "labels": {"app.kubernetes.io/part-of": "keyroom"}},
+        "spec": {"policyName": POLICY_NAME, "validationActions": ["Deny"]},
+    }

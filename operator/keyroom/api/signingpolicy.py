@@ -1,0 +1,106 @@
+"""SigningPolicy: who may sign with which keys, and what approval a signature needs.
+
+A key that no policy selects cannot sign (fail closed); where several policies
+select one key, a request must satisfy all of them.
+"""
+from __future__ import annotations
+
+from keyroom.api.common import Kind, age_column, printer_column, ready_column
+from keyroom.api.schema import (
+    array, boolean, duration, integer, name, obj, rule, string, string_list,
+)
+
+DIGEST_ALGORITHMS = ["SHA256", "SHA384", "SHA512"]
+FORMATS = ["raw", "cms"]
+MAX_DIGESTS_PER_REQUEST = 500
+CONDITION_TYPES = ["Ready", "Reconciling", "Stalled"]
+
+
+def _count(field: str) -> str:
+    return f"(has(self.{field}) ? size(self.{field}) : 0)"
+
+
+_label_selector = obj(
+    "Selects SigningKeys in the policy's namespace by label.",
+    {
+        "matchLabels": obj("Labels a key must have, all of them.",
+                           additional=string("", max_length=63), max_properties=32),
+        "matchExpressions": array(
+            "Label requirements, all of which must hold.",
+            obj("A label requirement.", {
+                "key": string("The label key.", min_length=1, max_length=317),
+                "operator": string("In, NotIn, Exists or DoesNotExist.", enum=["In", "NotIn", "Exists", "DoesNotExist"]),
+                "values": string_list("Values for In and NotIn.", max_items=32, item_max_length=63),
+            }, required=["key", "operator"], rules=[
+                rule("(self.operator in ['In', 'NotIn']) == (has(self.values) && size(self.values) > 0)",
+                     "In and NotIn need values; Exists and DoesNotExist take none"),
+            ]),
+            max_items=16),
+    },
+)
+
+SPEC = obj(
+    "The desired state of a SigningPolicy.",
+    {
+        "keySelector": _label_selector,
+        "keys": string_list("SigningKeys in the policy's namespace, by name.", max_items=64),
+        "requesters": obj(
+            "Who may request signatures. A request's requester is authenticated by the API server.",
+            {
+                "users": string_list("Usernames."),
+                "groups": string_list("Groups; a member of any of them may request."),
+                "serviceAccounts": string_list("ServiceAccounts of the policy's namespace, by name.",
+                                               pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"),
+            },
+            rules=[rule(f"{_count('users')} + {_count('groups')} + {_count('serviceAccounts')} > 0",
+                        "requesters must name at least one user, group or serviceAccount")],
+        ),
+        "approvers": obj(
+            "Who may approve or deny requests.",
+            {"users": string_list("Usernames."), "groups": string_list("Groups; any member may approve.")},
+        ),
+        "requiredApprovals": integer("Approvals from distinct eligible approvers a request needs; 0 means no "
+                                     "human approval.", minimum=0, maximum=10, default=1),
+        "separationOfDuties": boolean("A requester never counts as an approver of their own request.",
+                                      default=True),
+        "allowedDigestAlgorithms": string_list("Digest algorithms a request may use.", max_items=3,
+                                               enum=DIGEST_ALGORITHMS, min_items=1,
+                                               default=list(DIGEST_ALGORITHMS)),
+        "allowedFormats": string_list("Signature formats a request may ask for.", max_items=2,
+                                      enum=FORMATS, min_items=1, default=list(FORMATS)),
+        "maxDigestsPerRequest": integer("The most digests one request may carry.", minimum=1,
+                                        maximum=MAX_DIGESTS_PER_REQUEST, default=MAX_DIGESTS_PER_REQUEST),
+        "maxSignaturesPerHour": integer("The most signatures per hour across the selected keys.",
+                                        minimum=1, maximum=10_000_000, default=1000),
+        "requestTTL": duration("How long a request may wait for approval before it expires.", default="24h"),
+    },
+    required=["requesters"],
+    rules=[
+        rule("has(self.keySelector) != has(self.keys)",
+             "name the keys with exactly one of keySelector or keys"),
+        rule(f"self.requiredApprovals == 0 || (has(self.approvers) && "
+             f"{_count('approvers.users')} + {_count('approvers.groups')} > 0)",
+             "requiredApprovals > 0 needs approvers (users or groups)", field_path=".approvers"),
+    ],
+)
+
+KIND = Kind(
+    kind="SigningPolicy",
+    plural="signingpolicies",
+    short_names=["spol"],
+    description="Who may sign with which SigningKeys of the namespace, and what approval a signature needs.",
+    spec=SPEC,
+    status_properties={
+        "matchedKeys": array("The SigningKeys this policy selects now.", name("A SigningKey name."),
+                             max_items=1024, list_type="set"),
+        "message": string("A human summary of the policy's state.", max_length=4096),
+    },
+    condition_types=CONDITION_TYPES,
+    printer_columns=[
+        printer_column("Approvals", ".spec.requiredApprovals", type="integer",
+                       description="Approvals a request needs"),
+        printer_column("Keys", ".status.matchedKeys", description="SigningKeys the policy selects"),
+        ready_column(),
+        age_column(),
+    ],
+)

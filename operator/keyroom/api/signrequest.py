@@ -1,0 +1,132 @@
+"""SignRequest: a request to sign digests that the client computed locally.
+
+The artifact never travels, only its digests. The spec is immutable after
+creation except that approvers append their own entries to ``approvals``; the
+ValidatingAdmissionPolicy in ``admission.py`` makes the API server check that
+the requester and every approval are who they claim to be.
+"""
+from __future__ import annotations
+
+from keyroom.api.common import Kind, age_column, object_reference, printer_column
+from keyroom.api.signingpolicy import DIGEST_ALGORITHMS, FORMATS, MAX_DIGESTS_PER_REQUEST
+from keyroom.api.schema import array, integer, obj, rule, string, string_list, timestamp
+
+PHASES = ["Pending", "Approved", "Signing", "Signed", "Denied", "Expired", "Failed"]
+TERMINAL_PHASES = ["Signed", "Denied", "Expired", "Failed"]
+DECISIONS = ["Approve", "Deny"]
+CONDITION_TYPES = ["Approved", "Denied", "Signed", "Ready", "Reconciling", "Stalled"]
+MAX_APPROVALS = 32
+#: hex characters per digest, by algorithm
+DIGEST_HEX_LENGTH = {"SHA256": 64, "SHA384": 96, "SHA512": 128}
+
+_groups = string_list("Groups, as the API server authenticated them.", max_items=64)
+
+_approval = obj(
+    "One approver's decision, appended by the approver themself.",
+    {
+        "user": string("The approver's username; must be the user making the update.", min_length=1, max_length=253),
+        "groups": _groups,
+        "decision": string("Approve or Deny.", enum=DECISIONS),
+        "reason": string("Why.", max_length=1024),
+    },
+    required=["user", "decision"],
+)
+
+_digest = obj(
+    "One digest to sign.",
+    {
+        "name": string("The artifact's name, e.g. its file name; unique within the request.",
+                       min_length=1, max_length=253, pattern=r"^[^\x00-\x1f\x7f]+$"),
+        "value": string("The digest, hex-encoded.", min_length=64, max_length=128, pattern=r"^[0-9a-fA-F]+$"),
+    },
+    required=["name", "value"],
+)
+
+_length_by_algorithm = " : ".join(
+    f"self.digestAlgorithm == '{algorithm}' ? {length}" for algorithm, length in DIGEST_HEX_LENGTH.items()
+) + " : 0"
+
+
+def _unchanged(field: str) -> dict:
+    return rule(f"has(self.{field}) == has(oldSelf.{field}) && (!has(self.{field}) || self.{field} == oldSelf.{field})",
+                f"spec.{field} cannot change after creation; only approvals may be appended",
+                field_path=f".{field}")
+
+
+SPEC = obj(
+    "What to sign, with which key, for whom and why. Immutable after creation, except approvals.",
+    {
+        "keyRef": object_reference("The SigningKey in the request's namespace that signs.", what="SigningKey"),
+        "requester": obj(
+            "Who asks; must equal the identity that creates the request (checked by the API server).",
+            {"username": string("The requester's username.", min_length=1, max_length=253), "groups": _groups},
+            required=["username"],
+        ),
+        "reason": string("Why the signatures are needed, shown to approvers, e.g. 'release 1.4.2'.", max_length=1024),
+        "format": string("raw: a signature over each digest; cms: a detached CMS SignedData with the certificate.",
+                         enum=FORMATS, default="raw"),
+        "digestAlgorithm": string("The algorithm the digests were computed with.", enum=DIGEST_ALGORITHMS,
+                                  default="SHA256"),
+        "digests": array("The digests to sign, at most 500.", _digest, min_items=1,
+                         max_items=MAX_DIGESTS_PER_REQUEST, list_type="map", map_keys=["name"]),
+        "approvals": array("Approvers' decisions, append-only; each entry is added by the approver themself "
+                           "(kubectl keyroom approve NAME).", _approval, max_items=MAX_APPROVALS,
+                           list_type="atomic"),
+    },
+    required=["keyRef", "requester", "digests"],
+    rules=[
+        rule(f"self.digests.all(d, size(d.value) == ({_length_by_algorithm}))",
+             "each digest must be the hex of a digest of digestAlgorithm "
+             "(SHA256: 64, SHA384: 96, SHA512: 128 hex characters)", field_path=".digests"),
+        *(_unchanged(field) for field in ("keyRef", "requester", "reason", "format", "digestAlgorithm", "digests")),
+        rule("!has(oldSelf.approvals) || (has(self.approvals) && size(self.approvals) >= size(oldSelf.approvals) && "
+             "self.approvals.slice(0, size(oldSelf.approvals)) == oldSelf.approvals)",
+             "approvals are append-only: existing entries cannot be removed or edited", field_path=".approvals"),
+    ],
+)
+
+KIND = Kind(
+    kind="SignRequest",
+    plural="signrequests",
+    short_names=["sr"],
+    description="A request to sign digests computed by the client, with a SigningKey of the namespace.",
+    spec=SPEC,
+    status_properties={
+        "phase": string("Pending, Approved, Signing, Signed, Denied, Expired or Failed. "
+                        "Signed, Denied, Expired and Failed are final.", enum=PHASES),
+        "keyVersion": integer("The key version that signed.", minimum=1),
+        "certificate": obj("The certificate a cms signature embeds.", {
+            "name": string("The Certificate's name.", max_length=253),
+            "serialNumber": string("Its serial number, hex.", max_length=64),
+        }),
+        "signatures": array("One signature per digest.", obj("A signature.", {
+            "name": string("The digest's name.", max_length=253),
+            "value": string("The signature, base64.", max_length=65536),
+        }, required=["name", "value"]), max_items=MAX_DIGESTS_PER_REQUEST, list_type="map", map_keys=["name"]),
+        "signedAt": timestamp("When the signatures were made."),
+        "expiresAt": timestamp("When a pending request expires."),
+        "finishedAt": timestamp("When the request reached its final phase."),
+        "audit": obj("The request's entry in the signer's audit log.", {
+            "index": integer("The entry's index.", minimum=0),
+            "entryHash": string("The entry's hash, sha256:<hex>.", max_length=80),
+        }),
+        "approvals": array("The approvals as the operator counted them.", obj("A counted decision.", {
+            "user": string("The approver.", max_length=253),
+            "decision": string("Approve or Deny.", enum=DECISIONS),
+            "counted": {"type": "boolean", "description": "Whether the entry counted toward the policy."},
+            "reason": string("Why it did not count, when it did not.", max_length=1024),
+            "observedAt": timestamp("When the operator saw it."),
+        }, required=["user", "decision"]), max_items=MAX_APPROVALS),
+        "approvalSummary": string("Counted approvals over required ones, e.g. 1/2.", max_length=16),
+        "message": string("What happens next, for people.", max_length=4096),
+    },
+    condition_types=CONDITION_TYPES,
+    printer_columns=[
+        printer_column("Key", ".spec.keyRef.name"),
+        printer_column("Requester", ".spec.requester.username"),
+        printer_column("Approvals", ".status.approvalSummary"),
+        printer_column("Phase", ".status.phase"),
+        printer_column("Digests", ".spec.digestAlgorithm", priority=1),
+        age_column(),
+    ],
+)

@@ -1,0 +1,42 @@
+"""The few direct API calls the reconcilers make beside Kopf's own patches.
+
+Kopf patches the object a handler was called for. A reconciler that must read
+or write *another* object (a key event updating its policies' status) uses
+these helpers, which run the official client off the event loop.
+"""
+from __future__ import annotations
+
+import asyncio
+import functools
+from typing import Any
+
+import kubernetes
+
+from keyroom.api.common import GROUP, VERSION
+
+
+@functools.cache
+def _api() -> kubernetes.client.CustomObjectsApi:
+    try:
+        kubernetes.config.load_incluster_config()
+    except kubernetes.config.ConfigException:
+        kubernetes.config.load_kube_config()
+    return kubernetes.client.CustomObjectsApi()
+
+
+async def get(*, plural: str, namespace: str, name: str) -> dict[str, Any] | None:
+    def call():
+        try:
+            return _api().get_namespaced_custom_object(GROUP, VERSION, namespace, plural, name)
+        except kubernetes.client.ApiException as error:
+            if error.status == 404:
+                return None
+            raise
+    return await asyncio.to_thread(call)
+
+
+async def patch_status(*, plural: str, namespace: str, name: str, status: dict) -> None:
+    await asyncio.to_thread(
+        _api().patch_namespaced_custom_object_status, GROUP, VERSION, namespace, plural, name,
+        {"status": status},
+    )

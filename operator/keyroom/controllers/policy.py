@@ -1,0 +1,103 @@
+"""The SigningPolicy reconciler: which keys a policy governs, and whether it is in force.
+
+The reconcile is level-based and cheap: the status is computed from the policy
+and the namespace's keys (kept in a Kopf index) and written only when it
+differs. It runs on every policy event, on every key event of the namespace
+(a new or relabelled key changes what a policy selects), and on a slow timer
+as a safety net. No finalizer and no bookkeeping annotation is needed.
+"""
+from __future__ import annotations
+
+import asyncio
+from typing import Any, Mapping
+
+import kopf
+
+from keyroom import conditions, policy
+from keyroom.api.common import GROUP, VERSION
+from keyroom.controllers import kube
+
+RESYNC_SECONDS = 300
+
+
+@kopf.index(GROUP, VERSION, "signingkeys")
+def keys_by_namespace(namespace: str, name: str, labels: Mapping[str, str], **_: Any) -> dict:
+    return {namespace: (name, dict(labels))}
+
+
+@kopf.index(GROUP, VERSION, "signingpolicies")
+def policies_by_namespace(namespace: str, name: str, spec: Mapping, **_: Any) -> dict:
+    return {namespace: name}
+
+
+def desired_status(*, spec: Mapping, generation: int, status: Mapping,
+                   keys: list[tuple[str, Mapping[str, str]]]) -> dict:
+    """The policy's status for the keys that exist now (pure)."""
+    matched = policy.matched_keys(spec, keys)
+    missing = sorted(set(spec.get("keys") or []) - {name for name, _ in keys})
+    if matched:
+        reason, message = "KeysSelected", f"governs {len(matched)} key(s): {', '.join(matched)}"
+    else:
+        reason, message = "NoKeysSelected", "selects no SigningKey of the namespace yet"
+    if missing:
+        message += f"; not found: {', '.join(missing)}"
+    ready = conditions.condition("Ready", True, reason, message, generation=generation)
+    return {
+        "observedGeneration": generation,
+        "matchedKeys": matched,
+        "message": message,
+        "conditions": conditions.merge(status.get("conditions"), [
+            ready,
+            conditions.condition("Reconciling", False, reason, "", generation=generation),
+            conditions.condition("Stalled", False, reason, "", generation=generation),
+        ]),
+    }
+
+
+def _changed(current: Mapping, desired: Mapping) -> bool:
+    return any(current.get(field) != value for field, value in desired.items())
+
+
+@kopf.on.event(GROUP, VERSION, "signingpolicies")
+async def policy_changed(event: Mapping, body: kopf.Body, spec: Mapping, status: Mapping, meta: Mapping,
+                         namespace: str, keys_by_namespace: kopf.Index, **_: Any) -> None:
+    if event["type"] == "DELETED" or meta.get("deletionTimestamp"):
+        return
+    await _reconcile(body=body, spec=spec, status=status, generation=meta["generation"],
+                     namespace=namespace, keys=list(keys_by_namespace.get(namespace, [])))
+
+
+@kopf.timer(GROUP, VERSION, "signingpolicies", interval=RESYNC_SECONDS, initial_delay=RESYNC_SECONDS)
+async def policy_resync(body: kopf.Body, spec: Mapping, status: Mapping, meta: Mapping, namespace: str,
+                        keys_by_namespace: kopf.Index, **_: Any) -> None:
+    await _reconcile(body=body, spec=spec, status=status, generation=meta["generation"],
+                     namespace=namespace, keys=list(keys_by_namespace.get(namespace, [])))
+
+
+@kopf.on.event(GROUP, VERSION, "signingkeys")
+async def key_changed(namespace: str, policies_by_namespace: kopf.Index, keys_by_namespace: kopf.Index,
+                      **_: Any) -> None:
+    keys = list(keys_by_namespace.get(namespace, []))
+    names = sorted(set(policies_by_namespace.get(namespace, [])))
+    if not names:
+        return
+    policies = await asyncio.gather(*(kube.get(plural="signingpolicies", namespace=namespace, name=name)
+                                      for name in names))
+    for body in policies:
+        if body is None or body["metadata"].get("deletionTimestamp"):
+            continue
+        await _reconcile(body=body, spec=body.get("spec", {}), status=body.get("status", {}),
+                         generation=body["metadata"]["generation"], namespace=namespace, keys=keys)
+
+
+async def _reconcile(*, body: Mapping, spec: Mapping, status: Mapping, generation: int, namespace: str,
+                     keys: list) -> None:
+    desired = desired_status(spec=spec, generation=generation, status=status, keys=keys)
+    if not _changed(status, desired):
+        return
+    before = set(status.get("matchedKeys") or [])
+    await kube.patch_status(plural="signingpolicies", namespace=namespace, name=body["metadata"]["name"],
+                            status=desired)
+    if set(desired["matchedKeys"]) != before:
+        kopf.info(body, reason="KeysSelected" if desired["matchedKeys"] else "NoKeysSelected",
+                  message=desired["message"])

@@ -1,0 +1,415 @@
+"""A real Kubernetes control plane as local processes (an "envtest").
+
+``up`` starts etcd, kube-apiserver (TLS, RBAC, ValidatingAdmissionPolicy,
+ServiceAccount token issuance) and kube-controller-manager (garbage collection,
+namespace deletion) on free loopback ports, installs keyroom's CRDs, admission
+policy and roles, creates the fixture identities and team namespaces, and
+writes one kubeconfig per identity into the state directory. ``down`` stops
+every process that ``up`` recorded in the state directory and nothing else.
+
+The state directory is the whole environment: ``state.json`` (what runs where),
+``pki/``, ``etcd/``, ``logs/`` and the kubeconfigs. Tests, ``make dev`` and
+people all go through these two functions.
+"""
+from __future__ import annotations
+
+import base64
+import contextlib
+import dataclasses
+import json
+import os
+import pathlib
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+import urllib.request
+from typing import Callable, Iterable
+
+import yaml
+
+from keyroom.devenv import binaries as binaries_module
+from keyroom.devenv import fixtures, pki
+
+STATE_FILE = "state.json"
+_START_TIMEOUT = 60.0
+_STOP_TIMEOUT = 10.0
+
+Log = Callable[[str], None]
+
+
+class DevEnvError(RuntimeError):
+    """The local control plane cannot start or stop; the message says why and what to do."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Environment:
+    """A running local control plane, as recorded in its state directory."""
+
+    state_dir: pathlib.Path
+    server: str
+    kubectl: pathlib.Path
+
+    def kubeconfig(self, identity: str = "admin") -> pathlib.Path:
+        name = "kubeconfig" if identity == "admin" else f"kubeconfig-{identity}"
+        return self.state_dir / name
+
+    def run_kubectl(self, *args: str, identity: str = "admin", input: str | None = None,
+                    check: bool = True) -> subprocess.CompletedProcess:
+        """Run kubectl as one of the fixture identities."""
+        result = subprocess.run(
+            [str(self.kubectl), f"--kubeconfig={self.kubeconfig(identity)}", *args],
+            input=input, capture_output=True, text=True,
+        )
+        if check and result.returncode != 0:
+            raise DevEnvError(f"kubectl {' '.join(args)} failed: {result.stderr.strip()}")
+        return result
+
+
+# ---------------------------------------------------------------- state file
+
+def _read_state(state_dir: pathlib.Path) -> dict | None:
+    path = state_dir / STATE_FILE
+    if not path.exists():
+        return None
+    return json.loads(path.read_text())
+
+
+def _write_state(state_dir: pathlib.Path, state: dict) -> None:
+    temporary = state_dir / (STATE_FILE + ".tmp")
+    temporary.write_text(json.dumps(state, indent=2))
+    os.replace(temporary, state_dir / STATE_FILE)
+
+
+def _alive(process: dict) -> bool:
+    """Is the recorded process still the one we started (not a recycled pid)?"""
+    try:
+        cmdline = pathlib.Path(f"/proc/{process['pid']}/cmdline").read_bytes()
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return False
+    return process["marker"].encode() in cmdline
+
+
+def load(state_dir: pathlib.Path) -> Environment:
+    """The environment recorded in ``state_dir``; raises if it is not running."""
+    state = _read_state(state_dir)
+    if state is None or not state.get("ready"):
+        raise DevEnvError(f"no local control plane is running in {state_dir}; "
+                          f"start one with: python -m keyroom.devenv up --state-dir {state_dir}")
+    return Environment(state_dir=state_dir, server=state["server"], kubectl=pathlib.Path(state["kubectl"]))
+
+
+# ---------------------------------------------------------------- processes
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _log_tail(path: pathlib.Path, lines: int = 25) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except FileNotFoundError:
+        return "(no log)"
+
+
+class _Supervisor:
+    """Starts processes for one state directory and records each in state.json at once,
+    so that ``down`` can stop whatever a failed ``up`` left behind."""
+
+    def __init__(self, state_dir: pathlib.Path, state: dict) -> None:
+        self.state_dir = state_dir
+        self.state = state
+        self.logs = state_dir / "logs"
+        self.logs.mkdir(exist_ok=True)
+
+    def spawn(self, name: str, argv: list[str], *, env: dict | None = None) -> subprocess.Popen:
+        log_path = self.logs / f"{name}.log"
+        with open(log_path, "ab") as log_file:
+            process = subprocess.Popen(
+                argv, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                start_new_session=True, env=env, cwd=self.state_dir,
+            )
+        # The marker identifies our process in /proc/<pid>/cmdline even if the pid is reused.
+        self.state["processes"][name] = {"pid": process.pid, "marker": str(self.state_dir), "log": str(log_path)}
+        _write_state(self.state_dir, self.state)
+        return process
+
+    def wait_until(self, name: str, process: subprocess.Popen, check: Callable[[], bool], *,
+                   what: str, timeout: float = _START_TIMEOUT) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise DevEnvError(f"{name} exited with code {process.returncode} before {what}. "
+                                  f"Last lines of {self.logs / (name + '.log')}:\n"
+                                  f"{_log_tail(self.logs / (name + '.log'))}")
+            with contextlib.suppress(Exception):
+                if check():
+                    return
+            time.sleep(0.1)
+        raise DevEnvError(f"{name} did not become {what} within {timeout:.0f}s. "
+                          f"Last lines of its log:\n{_log_tail(self.logs / (name + '.log'))}")
+
+
+def _stop_processes(processes: dict[str, dict], log: Log) -> None:
+    # Reverse start order: the operator before the API server before etcd.
+    for name in reversed(list(processes)):
+        process = processes[name]
+        if not _alive(process):
+            continue
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process["pid"], signal.SIGTERM)
+        deadline = time.monotonic() + _STOP_TIMEOUT
+        while _alive(process) and time.monotonic() < deadline:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(process["pid"], os.WNOHANG)
+            time.sleep(0.05)
+        if _alive(process):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process["pid"], signal.SIGKILL)
+            log(f"{name} (pid {process['pid']}) did not stop within {_STOP_TIMEOUT:.0f}s; killed it")
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(process["pid"], os.WNOHANG)
+
+
+# ---------------------------------------------------------------- kubeconfigs
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def write_kubeconfig(path: pathlib.Path, *, server: str, ca_pem: bytes, user: str,
+                     client: pki.Issued | None = None, token: str | None = None) -> None:
+    credentials: dict = {}
+    if client is not None:
+        credentials = {"client-certificate-data": _b64(client.cert_pem), "client-key-data": _b64(client.key_pem)}
+    if token is not None:
+        credentials = {"token": token}
+    config = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": "keyroom-dev", "cluster": {"server": server, "certificate-authority-data": _b64(ca_pem)}}],
+        "users": [{"name": user, "user": credentials}],
+        "contexts": [{"name": user, "context": {"cluster": "keyroom-dev", "user": user}}],
+        "current-context": user,
+    }
+    pki.write_secret(path, yaml.safe_dump(config, sort_keys=False).encode())
+
+
+# ---------------------------------------------------------------- up / down
+
+def _check_state_dir(state_dir: pathlib.Path) -> None:
+    state = _read_state(state_dir)
+    if state is None:
+        if state_dir.exists() and any(state_dir.iterdir()):
+            raise DevEnvError(f"{state_dir} is not empty and holds no keyroom environment; "
+                              "pick an empty or new directory")
+        return
+    running = [name for name, process in state.get("processes", {}).items() if _alive(process)]
+    if running:
+        raise DevEnvError(f"a local control plane already runs in {state_dir} ({', '.join(running)}); "
+                          f"use it, or stop it first: python -m keyroom.devenv down --state-dir {state_dir}")
+    raise DevEnvError(f"{state_dir} holds a stopped environment from an earlier run; clear it with: "
+                      f"python -m keyroom.devenv down --state-dir {state_dir}")
+
+
+def up(state_dir: pathlib.Path, *, operator: bool = True, log: Log = print) -> Environment:
+    """Start the local control plane in ``state_dir`` and return it once it is ready."""
+    state_dir = state_dir.resolve()
+    _check_state_dir(state_dir)
+    found = binaries_module.ensure(log=log)
+    started = time.monotonic()
+    state_dir.mkdir(parents=True, exist_ok=True)
+    state: dict = {"processes": {}, "ready": False, "kubectl": str(found.kubectl)}
+    _write_state(state_dir, state)
+    supervisor = _Supervisor(state_dir, state)
+    try:
+        environment = _start(supervisor, found, operator=operator, log=log)
+    except BaseException:
+        _stop_processes(state["processes"], log)
+        raise
+    state["ready"] = True
+    _write_state(state_dir, state)
+    log(f"local control plane up in {time.monotonic() - started:.1f}s (Kubernetes "
+        f"{binaries_module.pinned_versions()['kubernetes']}, state in {state_dir})")
+    return environment
+
+
+def _start(supervisor: _Supervisor, found: binaries_module.Binaries, *, operator: bool, log: Log) -> Environment:
+    state_dir = supervisor.state_dir
+    pki_dir = state_dir / "pki"
+    pki_dir.mkdir(exist_ok=True)
+    ca = pki.CertificateAuthority()
+    (pki_dir / "ca.crt").write_bytes(ca.cert_pem)
+    serving = ca.issue(common_name="kube-apiserver", server_hosts=("127.0.0.1", "localhost", "kubernetes.default.svc"))
+    (pki_dir / "apiserver.crt").write_bytes(serving.cert_pem)
+    pki.write_secret(pki_dir / "apiserver.key", serving.key_pem)
+    sa_private, sa_public = pki.write_service_account_key_pair(pki_dir)
+
+    etcd_port, etcd_peer_port, api_port, kcm_port = (_free_port() for _ in range(4))
+    etcd_url = f"http://127.0.0.1:{etcd_port}"
+    etcd = supervisor.spawn("etcd", [
+        str(found.etcd), "--name=keyroom-dev", f"--data-dir={state_dir / 'etcd'}",
+        f"--listen-client-urls={etcd_url}", f"--advertise-client-urls={etcd_url}",
+        f"--listen-peer-urls=http://127.0.0.1:{etcd_peer_port}",
+        f"--initial-advertise-peer-urls=http://127.0.0.1:{etcd_peer_port}",
+        f"--initial-cluster=keyroom-dev=http://127.0.0.1:{etcd_peer_port}",
+        "--unsafe-no-fsync=true", "--log-level=warn",
+    ])
+    supervisor.wait_until("etcd", etcd, lambda: urllib.request.urlopen(f"{etcd_url}/health", timeout=1).status == 200,
+                          what="healthy")
+
+    server = f"https://127.0.0.1:{api_port}"
+    admin = ca.issue(common_name="keyroom-admin", organizations=("system:masters",))
+    write_kubeconfig(state_dir / "kubeconfig", server=server, ca_pem=ca.cert_pem, user="admin", client=admin)
+    apiserver = supervisor.spawn("kube-apiserver", [
+        str(found.kube_apiserver),
+        f"--etcd-servers={etcd_url}", f"--etcd-prefix=/keyroom-{api_port}",
+        "--bind-address=127.0.0.1", "--advertise-address=127.0.0.1", f"--secure-port={api_port}",
+        "--endpoint-reconciler-type=none",  # loopback may not be published as the kubernetes Service
+        f"--tls-cert-file={pki_dir / 'apiserver.crt'}", f"--tls-private-key-file={pki_dir / 'apiserver.key'}",
+        f"--client-ca-file={pki_dir / 'ca.crt'}",
+        "--authorization-mode=RBAC",
+        f"--service-account-issuer={server}", f"--service-account-key-file={sa_public}",
+        f"--service-account-signing-key-file={sa_private}", "--api-audiences=" + server,
+        "--service-account-max-token-expiration=48h",
+        "--service-cluster-ip-range=10.0.0.0/24", "--allow-privileged=false",
+        "--enable-priority-and-fairness=false", "--v=1",
+    ])
+    context = ssl.create_default_context(cafile=str(pki_dir / "ca.crt"))
+    with _temporary_pem(pki_dir, admin) as (cert_file, key_file):
+        context.load_cert_chain(cert_file, key_file)
+    supervisor.wait_until("kube-apiserver", apiserver,
+                          lambda: urllib.request.urlopen(f"{server}/readyz", context=context, timeout=2).status == 200,
+                          what="ready")
+
+    kcm = supervisor.spawn("kube-controller-manager", [
+        str(found.kube_controller_manager), f"--kubeconfig={state_dir / 'kubeconfig'}",
+        f"--authentication-kubeconfig={state_dir / 'kubeconfig'}",
+        f"--authorization-kubeconfig={state_dir / 'kubeconfig'}",
+        "--controllers=garbagecollector,namespace,serviceaccount",
+        "--leader-elect=false", "--bind-address=127.0.0.1", f"--secure-port={kcm_port}", "--v=1",
+    ])
+    environment = Environment(state_dir=state_dir, server=server, kubectl=found.kubectl)
+    install(environment)
+    _write_identity_kubeconfigs(environment, ca)
+    supervisor.wait_until("kube-controller-manager", kcm, lambda: True, what="running", timeout=1)
+    if operator:
+        start_operator(environment, supervisor=supervisor)
+    return environment
+
+
+@contextlib.contextmanager
+def _temporary_pem(directory: pathlib.Path, issued: pki.Issued):
+    cert_file, key_file = directory / ".probe.crt", directory / ".probe.key"
+    cert_file.write_bytes(issued.cert_pem)
+    pki.write_secret(key_file, issued.key_pem)
+    try:
+        yield str(cert_file), str(key_file)
+    finally:
+        cert_file.unlink()
+        key_file.unlink()
+
+
+def apply(environment: Environment, manifests: Iterable[dict]) -> None:
+    """Server-side apply of manifests as admin."""
+    documents = yaml.safe_dump_all(list(manifests), sort_keys=False)
+    environment.run_kubectl("apply", "--server-side", "--force-conflicts",
+                            "--field-manager=keyroom-devenv", "-f", "-", input=documents)
+
+
+def install(environment: Environment) -> None:
+    """Install keyroom's API (CRDs, admission policy, roles) and the fixtures."""
+    from keyroom.api import manifests
+
+    documents = manifests.all_manifests()
+    apply(environment, documents)
+    crd_names = [d["metadata"]["name"] for d in documents if d["kind"] == "CustomResourceDefinition"]
+    environment.run_kubectl("wait", "--for=condition=Established", "--timeout=60s",
+                            *(f"crd/{name}" for name in crd_names))
+    # Established precedes discovery by a moment; `kubectl get keyroom` needs the category served.
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        served = environment.run_kubectl("api-resources", "--categories=keyroom", "-o", "name", check=False)
+        if len(served.stdout.split()) == len(crd_names):
+            break
+        time.sleep(0.1)
+    else:
+        raise DevEnvError("the keyroom API did not appear in discovery within 30s; see logs/kube-apiserver.log")
+    apply(environment, fixtures.manifests())
+
+
+def _write_identity_kubeconfigs(environment: Environment, ca: pki.CertificateAuthority) -> None:
+    for identity, groups in fixtures.IDENTITIES.items():
+        if identity == "admin":
+            continue
+        client = ca.issue(common_name=identity, organizations=tuple(groups))
+        write_kubeconfig(environment.kubeconfig(identity), server=environment.server,
+                         ca_pem=ca.cert_pem, user=identity, client=client)
+    for name, (namespace, service_account) in fixtures.SERVICE_ACCOUNTS.items():
+        token = request_token(environment, namespace=namespace, service_account=service_account)
+        ca_pem = (environment.state_dir / "pki" / "ca.crt").read_bytes()
+        write_kubeconfig(environment.kubeconfig(name), server=environment.server,
+                         ca_pem=ca_pem, user=f"system:serviceaccount:{namespace}:{service_account}", token=token)
+
+
+def request_token(environment: Environment, *, namespace: str, service_account: str,
+                  audience: str | None = None, duration: str = "48h") -> str:
+    """A ServiceAccount token from the TokenRequest API, as a pod would get one."""
+    args = ["create", "token", service_account, "-n", namespace, f"--duration={duration}"]
+    if audience:
+        args.append(f"--audience={audience}")
+    return environment.run_kubectl(*args).stdout.strip()
+
+
+def start_operator(environment: Environment, *, supervisor: _Supervisor | None = None) -> subprocess.Popen:
+    """Run the keyroom operator as a local process, authenticated as its ServiceAccount."""
+    if supervisor is None:
+        state = _read_state(environment.state_dir)
+        supervisor = _Supervisor(environment.state_dir, state)
+    env = dict(os.environ, KUBECONFIG=str(environment.kubeconfig("operator")))
+    process = supervisor.spawn("operator", [sys.executable, "-m", "keyroom.operator", "--verbose"], env=env)
+    log_path = supervisor.logs / "operator.log"
+    supervisor.wait_until("operator", process, lambda: "keyroom operator ready" in log_path.read_text(errors="replace"),
+                          what="ready")
+    return process
+
+
+def stop_process(state_dir: pathlib.Path, name: str, *, log: Log = print) -> None:
+    """Stop one recorded process (for tests that restart a component)."""
+    state = _read_state(state_dir) or {"processes": {}}
+    if name in state["processes"]:
+        _stop_processes({name: state["processes"].pop(name)}, log)
+        _write_state(state_dir, state)
+
+
+def down(state_dir: pathlib.Path, *, log: Log = print) -> None:
+    """Stop everything ``up`` started in ``state_dir`` and remove its state."""
+    state_dir = state_dir.resolve()
+    state = _read_state(state_dir)
+    if state is None:
+        if state_dir.exists() and any(state_dir.iterdir()):
+            raise DevEnvError(f"{state_dir} holds no keyroom environment (no {STATE_FILE}); nothing to stop")
+        log(f"nothing runs in {state_dir}")
+        return
+    _stop_processes(state.get("processes", {}), log)
+    left = [name for name, process in state.get("processes", {}).items() if _alive(process)]
+    if left:
+        raise DevEnvError(f"could not stop: {', '.join(left)}")
+    shutil.rmtree(state_dir)
+    log(f"stopped and removed {state_dir}")
+
+
+def wait_forever(state_dir: pathlib.Path) -> str:
+    """Block until a recorded process exits; return its name."""
+    state = _read_state(state_dir)
+    while True:
+        for name, process in state["processes"].items():
+            if not _alive(process):
+                return name
+        time.sleep(0.5)
+

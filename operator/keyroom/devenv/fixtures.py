@@ -1,0 +1,57 @@
+"""The people, teams and service identities of the local control plane.
+
+Each identity gets a kubeconfig (``kubeconfig-<identity>``; ``kubeconfig`` for
+admin). Teams are namespaces; RoleBindings grant the shipped keyroom roles to a
+team's groups in that team's namespace only, as a platform team would.
+"""
+from __future__ import annotations
+
+#: username -> groups carried in the client certificate
+IDENTITIES: dict[str, list[str]] = {
+    "admin": ["system:masters"],
+    "alice": ["team-a-devs"],
+    "bob": ["team-a-approvers"],
+    "carol": ["team-a-approvers"],
+    "dave": ["team-b-devs"],
+}
+
+SYSTEM_NAMESPACE = "keyroom-system"
+
+#: kubeconfig name -> (namespace, ServiceAccount); these authenticate with TokenRequest tokens
+SERVICE_ACCOUNTS: dict[str, tuple[str, str]] = {
+    "operator": (SYSTEM_NAMESPACE, "keyroom-operator"),
+    "signer": (SYSTEM_NAMESPACE, "keyroom-signer"),
+}
+
+#: namespace -> [(group, ClusterRole)]
+TEAMS: dict[str, list[tuple[str, str]]] = {
+    "team-a": [("team-a-devs", "keyroom-requester"), ("team-a-approvers", "keyroom-approver")],
+    "team-b": [("team-b-devs", "keyroom-requester")],
+}
+
+
+def manifests() -> list[dict]:
+    documents: list[dict] = [
+        {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}}
+        for name in [SYSTEM_NAMESPACE, *TEAMS]
+    ]
+    for namespace, bindings in TEAMS.items():
+        for group, role in bindings:
+            documents.append({
+                "apiVersion": "rbac.authorization.k8s.io/v1",
+                "kind": "RoleBinding",
+                "metadata": {"name": f"{group}-{role}", "namespace": namespace},
+                "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": role},
+                "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "Group", "name": group}],
+            })
+    for namespace, service_account in SERVICE_ACCOUNTS.values():
+        documents.append({"apiVersion": "v1", "kind": "ServiceAccount",
+                          "metadata": {"name": service_account, "namespace": namespace}})
+        documents.append({
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "ClusterRoleBinding",
+            "metadata": {"name": service_account},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": service_account},
+            "subjects": [{"kind": "ServiceAccount", "name": service_account, "namespace": namespace}],
+        })
+    return documents

@@ -1,0 +1,57 @@
+"""The keyroom operator process: Kopf, configured for keyroom.
+
+It holds no key material. Kopf's own bookkeeping (finalizer, progress,
+diff-base) lives under the ``keyroom.dev/`` prefix, watches use explicit
+timeouts so that a silently dropped connection is noticed, and the process is
+standalone (one replica; leader election comes with the Helm chart).
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from typing import Any
+
+import kopf
+
+from keyroom.controllers import policy as _policy  # noqa: F401  (registers the handlers)
+
+PREFIX = "keyroom.dev"
+READY_MESSAGE = "keyroom operator ready"
+logger = logging.getLogger("keyroom.operator")
+
+
+@kopf.on.startup()
+def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+    settings.persistence.finalizer = f"{PREFIX}/finalizer"
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=PREFIX)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=PREFIX, key="last-handled-configuration")
+    settings.watching.server_timeout = 270
+    settings.watching.client_timeout = 300
+    settings.watching.connect_timeout = 30
+    settings.posting.level = logging.INFO
+    logger.info(READY_MESSAGE)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="keyroom-operator", description="Run the keyroom operator.")
+    parser.add_argument("-n", "--namespace", action="append", default=[],
+                        help="watch only this namespace (repeatable); default: all namespaces")
+    parser.add_argument("--verbose", action="store_true", help="log debug messages")
+    parser.add_argument("--liveness", metavar="URL", default=None,
+                        help="serve a liveness probe, e.g. http://0.0.0.0:8080/healthz")
+    args = parser.parse_args(argv)
+    kopf.configure(verbose=args.verbose)
+    asyncio.run(kopf.operator(
+        standalone=True,
+        clusterwide=not args.namespace,
+        namespaces=args.namespace,
+        liveness_endpoint=args.liveness,
+    ))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
