@@ -84,13 +84,20 @@ def _write_state(state_dir: pathlib.Path, state: dict) -> None:
     os.replace(temporary, state_dir / STATE_FILE)
 
 
-def _alive(process: dict) -> bool:
-    """Is the recorded process still the one we started (not a recycled pid)?"""
+def _proc_stat(pid: int) -> tuple[str, str] | None:
+    """(state, start time) of a process from /proc, or None when it is gone."""
     try:
-        cmdline = pathlib.Path(f"/proc/{process['pid']}/cmdline").read_bytes()
+        stat = pathlib.Path(f"/proc/{pid}/stat").read_text()
     except (FileNotFoundError, ProcessLookupError, PermissionError):
-        return False
-    return process["marker"].encode() in cmdline
+        return None
+    fields = stat[stat.rindex(")") + 2:].split()
+    return fields[0], fields[19]
+
+
+def _alive(process: dict) -> bool:
+    """Is the recorded process still running, and still the one we started (not a recycled pid)?"""
+    stat = _proc_stat(process["pid"])
+    return stat is not None and stat[0] != "Z" and stat[1] == process["started"]
 
 
 def load(state_dir: pathlib.Path) -> Environment:
@@ -134,8 +141,10 @@ class _Supervisor:
                 argv, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 start_new_session=True, env=env, cwd=self.state_dir,
             )
-        # The marker identifies our process in /proc/<pid>/cmdline even if the pid is reused.
-        self.state["processes"][name] = {"pid": process.pid, "marker": str(self.state_dir), "log": str(log_path)}
+        # The start time tells our process apart from a later one that reuses the pid.
+        stat = _proc_stat(process.pid)
+        self.state["processes"][name] = {"pid": process.pid, "started": stat[1] if stat else "",
+                                         "log": str(log_path)}
         _write_state(self.state_dir, self.state)
         return process
 
@@ -232,7 +241,7 @@ def up(state_dir: pathlib.Path, *, operator: bool = True, log: Log = print) -> E
     except BaseException:
         _stop_processes(state["processes"], log)
         raise
-    state["ready"] = True
+    state.update(ready=True, server=environment.server)
     _write_state(state_dir, state)
     log(f"local control plane up in {time.monotonic() - started:.1f}s (Kubernetes "
         f"{binaries_module.pinned_versions()['kubernetes']}, state in {state_dir})")

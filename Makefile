@@ -1,0 +1,60 @@
+# keyroom: `make dev` brings up a local keyroom; `make test` runs every test.
+PYTHON ?= python3
+VENV ?= .venv
+STATE_DIR ?= .dev
+PY := $(VENV)/bin/python
+KUBECTL = $(shell $(PY) -m keyroom.devenv binaries | sed -n 's/^kubectl=//p')
+
+.PHONY: help venv binaries test unit integration crds dev dev-down clean
+
+help:
+	@echo "make dev        start a local keyroom (control plane + operator) in $(STATE_DIR)/ and show it working"
+	@echo "make dev-down   stop it"
+	@echo "make test       unit and integration tests against a real kube-apiserver and etcd"
+	@echo "make unit       unit tests only (no cluster)"
+	@echo "make crds       regenerate crds/ from operator/keyroom/api"
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -c 'import sys; sys.exit("keyroom needs Python >= 3.11") if sys.version_info < (3, 11) else None'
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+binaries: venv
+	$(PY) -m keyroom.devenv binaries
+
+test: venv binaries
+	$(PY) -m pytest -ra tests
+
+unit: venv
+	$(PY) -m pytest -ra tests/unit
+
+integration: venv binaries
+	$(PY) -m pytest -ra tests/integration
+
+crds: venv
+	$(PY) -m keyroom.api.generate crds
+
+dev: venv binaries
+	@if [ -e $(STATE_DIR)/state.json ]; then $(PY) -m keyroom.devenv down --state-dir $(STATE_DIR); fi
+	$(PY) -m keyroom.devenv up --state-dir $(STATE_DIR) --detach
+	$(KUBECTL) --kubeconfig $(STATE_DIR)/kubeconfig apply -f examples/team-a/
+	$(KUBECTL) --kubeconfig $(STATE_DIR)/kubeconfig-alice apply -f examples/requests/
+	$(KUBECTL) --kubeconfig $(STATE_DIR)/kubeconfig-alice -n team-a wait --for=condition=Ready signingpolicy/release --timeout=60s
+	$(KUBECTL) --kubeconfig $(STATE_DIR)/kubeconfig-alice -n team-a get keyroom
+	@echo
+	@echo "keyroom runs in $(STATE_DIR)/ (logs in $(STATE_DIR)/logs). Be alice, or bob the approver:"
+	@echo "  export KUBECONFIG=$(CURDIR)/$(STATE_DIR)/kubeconfig-alice"
+	@echo "  export KUBECONFIG=$(CURDIR)/$(STATE_DIR)/kubeconfig-bob"
+	@echo "  alias kubectl=$(KUBECTL)"
+	@echo "Try: kubectl -n team-a get keyroom; kubectl explain signrequest.spec.digests"
+	@echo "Stop: make dev-down"
+
+dev-down: venv
+	$(PY) -m keyroom.devenv down --state-dir $(STATE_DIR)
+
+clean:
+	rm -rf $(VENV) build *.egg-info
