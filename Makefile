@@ -5,7 +5,7 @@ STATE_DIR ?= .dev
 PY := $(VENV)/bin/python
 KUBECTL = $(shell $(PY) -m keyroom.devenv binaries | sed -n 's/^kubectl=//p')
 
-.PHONY: help venv binaries test unit integration crds dev dev-down clean
+.PHONY: help venv binaries test unit integration crds dev dev-down bench clean
 
 help:
 	@echo "make dev        start a local keyroom (control plane + operator) in $(STATE_DIR)/ and show it working"
@@ -13,6 +13,7 @@ help:
 	@echo "make test       unit and integration tests against a real kube-apiserver and etcd"
 	@echo "make unit       unit tests only (no cluster)"
 	@echo "make crds       regenerate crds/ from operator/keyroom/api"
+	@echo "make bench      measure the signer against raw python-pkcs11 (figures as ratios)"
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -c 'import sys; sys.exit("keyroom needs Python >= 3.11") if sys.version_info < (3, 11) else None'
@@ -58,3 +59,6 @@ dev-down: venv
 
 clean:
 	rm -rf $(VENV) build *.egg-info
+
+bench: venv binaries
+	$(PY) bench/signer.py

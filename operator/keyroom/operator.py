@@ -16,6 +16,8 @@ from typing import Any
 import kopf
 
 from keyroom.controllers import policy as _policy  # noqa: F401  (registers the handlers)
+from keyroom.controllers import signingkey as _signingkey  # noqa: F401
+from keyroom.signer.client import SignerClient
 
 PREFIX = "keyroom.dev"
 READY_MESSAGE = "keyroom operator ready"
@@ -23,7 +25,7 @@ logger = logging.getLogger("keyroom.operator")
 
 
 @kopf.on.startup()
-def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     settings.persistence.finalizer = f"{PREFIX}/finalizer"
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=PREFIX)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
@@ -32,7 +34,16 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.watching.client_timeout = 300
     settings.watching.connect_timeout = 30
     settings.posting.level = logging.INFO
+    memo.signer = SignerClient.from_environment()
+    if memo.signer is None:
+        logger.warning("KEYROOM_SIGNER_URL is not set: SigningKeys will report SignerNotConfigured")
     logger.info(READY_MESSAGE)
+
+
+@kopf.on.cleanup()
+async def close_signer(memo: kopf.Memo, **_: Any) -> None:
+    if memo.get("signer") is not None:
+        await memo.signer.close()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -31,8 +31,15 @@ def _running(pid: int) -> bool:
         return False
 
 
-def test_up_detach_then_down_leaves_nothing_behind(tmp_path):
+@pytest.fixture
+def state_dir(tmp_path):
     state_dir = tmp_path / "dev"
+    yield state_dir
+    if state_dir.exists():  # a failed test still stops what it started
+        controlplane.down(state_dir, log=lambda _: None)
+
+
+def test_up_detach_then_down_leaves_nothing_behind(state_dir):
     up = devenv("up", "--state-dir", str(state_dir), "--detach")
     assert up.returncode == 0, up.stderr
     assert "local control plane up in" in up.stderr
@@ -53,8 +60,7 @@ def test_up_detach_then_down_leaves_nothing_behind(tmp_path):
     assert not state_dir.exists()
 
 
-def test_a_stale_state_dir_is_reported(tmp_path):
-    state_dir = tmp_path / "dev"
+def test_a_stale_state_dir_is_reported(state_dir):
     state_dir.mkdir()
     (state_dir / controlplane.STATE_FILE).write_text(json.dumps(
         {"processes": {"etcd": {"pid": 2 ** 22 + 1, "started": "1", "log": ""}}, "ready": True}))

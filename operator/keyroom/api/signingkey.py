@@ -119,6 +119,7 @@ KIND = Kind(
         "nextWindowAt": timestamp("For an offline key: when it may next sign."),
         "signatureCount": integer("Signatures made with this key.", minimum=0),
         "consumedBy": string("For a OneTime key: the SignRequest that used it.", max_length=253),
+        "lastRotationRequest": string("The last keyroom.dev/rotate annotation value acted on.", max_length=253),
         "message": string("A human summary of the key's state.", max_length=4096),
     },
     condition_types=CONDITION_TYPES,

@@ -34,6 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--state-dir", type=pathlib.Path, required=True)
     up.add_argument("--detach", action="store_true", help="leave it running in the background and return")
     up.add_argument("--no-operator", dest="operator", action="store_false", help="do not start the operator")
+    up.add_argument("--no-signer", dest="signer", action="store_false",
+                    help="do not start the signer (nor create its SoftHSM token)")
     down = commands.add_parser("down", help="stop everything started in the state dir and remove it")
     down.add_argument("--state-dir", type=pathlib.Path, required=True)
     commands.add_parser("binaries", help="build (if needed) and print the control-plane binaries")
@@ -48,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "down":
             controlplane.down(args.state_dir, log=log)
             return 0
-        environment = controlplane.up(args.state_dir, operator=args.operator, log=log)
+        environment = controlplane.up(args.state_dir, operator=args.operator, signer=args.signer, log=log)
         _print_usage(environment)
         if args.detach:
             return 0

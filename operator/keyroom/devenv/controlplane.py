@@ -19,6 +19,7 @@ import dataclasses
 import json
 import os
 import pathlib
+import secrets
 import shutil
 import signal
 import socket
@@ -52,6 +53,7 @@ class Environment:
     state_dir: pathlib.Path
     server: str
     kubectl: pathlib.Path
+    signer_url: str | None = None
 
     def kubeconfig(self, identity: str = "admin") -> pathlib.Path:
         name = "kubeconfig" if identity == "admin" else f"kubeconfig-{identity}"
@@ -106,7 +108,8 @@ def load(state_dir: pathlib.Path) -> Environment:
     if state is None or not state.get("ready"):
         raise DevEnvError(f"no local control plane is running in {state_dir}; "
                           f"start one with: python -m keyroom.devenv up --state-dir {state_dir}")
-    return Environment(state_dir=state_dir, server=state["server"], kubectl=pathlib.Path(state["kubectl"]))
+    return Environment(state_dir=state_dir, server=state["server"], kubectl=pathlib.Path(state["kubectl"]),
+                       signer_url=state.get("signer_url"))
 
 
 # ---------------------------------------------------------------- processes
@@ -226,7 +229,7 @@ def _check_state_dir(state_dir: pathlib.Path) -> None:
                       f"python -m keyroom.devenv down --state-dir {state_dir}")
 
 
-def up(state_dir: pathlib.Path, *, operator: bool = True, log: Log = print) -> Environment:
+def up(state_dir: pathlib.Path, *, operator: bool = True, signer: bool = True, log: Log = print) -> Environment:
     """Start the local control plane in ``state_dir`` and return it once it is ready."""
     state_dir = state_dir.resolve()
     _check_state_dir(state_dir)
@@ -237,18 +240,19 @@ def up(state_dir: pathlib.Path, *, operator: bool = True, log: Log = print) -> E
     _write_state(state_dir, state)
     supervisor = _Supervisor(state_dir, state)
     try:
-        environment = _start(supervisor, found, operator=operator, log=log)
+        environment = _start(supervisor, found, operator=operator, signer=signer, log=log)
     except BaseException:
         _stop_processes(state["processes"], log)
         raise
-    state.update(ready=True, server=environment.server)
+    state.update(ready=True, server=environment.server, signer_url=environment.signer_url)
     _write_state(state_dir, state)
     log(f"local control plane up in {time.monotonic() - started:.1f}s (Kubernetes "
         f"{binaries_module.pinned_versions()['kubernetes']}, state in {state_dir})")
     return environment
 
 
-def _start(supervisor: _Supervisor, found: binaries_module.Binaries, *, operator: bool, log: Log) -> Environment:
+def _start(supervisor: _Supervisor, found: binaries_module.Binaries, *, operator: bool, signer: bool,
+           log: Log) -> Environment:
     state_dir = supervisor.state_dir
     pki_dir = state_dir / "pki"
     pki_dir.mkdir(exist_ok=True)
@@ -307,9 +311,41 @@ def _start(supervisor: _Supervisor, found: binaries_module.Binaries, *, operator
     install(environment)
     _write_identity_kubeconfigs(environment, ca)
     supervisor.wait_until("kube-controller-manager", kcm, lambda: True, what="running", timeout=1)
+    if signer:
+        environment = dataclasses.replace(environment, signer_url=_start_signer(environment, supervisor, ca))
     if operator:
         start_operator(environment, supervisor=supervisor)
     return environment
+
+
+def _start_signer(environment: Environment, supervisor: _Supervisor, ca: pki.CertificateAuthority) -> str:
+    """A fresh SoftHSM token in the state dir and the signer serving it, authenticated as its ServiceAccount."""
+    from keyroom.signer import softhsm
+
+    state_dir = environment.state_dir
+    hsm_dir = state_dir / "hsm"
+    hsm_dir.mkdir()
+    pin, so_pin = secrets.token_hex(8), secrets.token_hex(8)
+    token = softhsm.init_token(hsm_dir, label="keyroom-dev", pin=pin, so_pin=so_pin)
+    pki.write_secret(hsm_dir / "pin", pin.encode())
+    serving = ca.issue(common_name="keyroom-signer", server_hosts=("127.0.0.1", "localhost"))
+    (state_dir / "pki" / "signer.crt").write_bytes(serving.cert_pem)
+    pki.write_secret(state_dir / "pki" / "signer.key", serving.key_pem)
+    port = _free_port()
+    env = dict(os.environ, **token.env(),
+               KUBECONFIG=str(environment.kubeconfig("signer")),
+               KEYROOM_PKCS11_MODULE=token.module_path, KEYROOM_TOKEN_LABEL=token.token_label,
+               KEYROOM_PIN_FILE=str(hsm_dir / "pin"), KEYROOM_SIGNER_LISTEN=f"127.0.0.1:{port}",
+               KEYROOM_SIGNER_TLS_CERT=str(state_dir / "pki" / "signer.crt"),
+               KEYROOM_SIGNER_TLS_KEY=str(state_dir / "pki" / "signer.key"))
+    env.pop("KEYROOM_PIN", None)
+    process = supervisor.spawn("signer", [sys.executable, "-m", "keyroom.signer"], env=env)
+    url = f"https://127.0.0.1:{port}"
+    context = ssl.create_default_context(cafile=str(state_dir / "pki" / "ca.crt"))
+    supervisor.wait_until("signer", process,
+                          lambda: urllib.request.urlopen(f"{url}/healthz", context=context, timeout=2).status == 200,
+                          what="healthy")
+    return url
 
 
 @contextlib.contextmanager
@@ -381,6 +417,13 @@ def start_operator(environment: Environment, *, supervisor: _Supervisor | None =
         state = _read_state(environment.state_dir)
         supervisor = _Supervisor(environment.state_dir, state)
     env = dict(os.environ, KUBECONFIG=str(environment.kubeconfig("operator")))
+    if environment.signer_url:
+        namespace, service_account = fixtures.SERVICE_ACCOUNTS["operator"]
+        token_file = environment.state_dir / "operator-signer-token"
+        pki.write_secret(token_file, request_token(environment, namespace=namespace, service_account=service_account,
+                                                   audience="keyroom-signer").encode())
+        env.update(KEYROOM_SIGNER_URL=environment.signer_url, KEYROOM_SIGNER_TOKEN_FILE=str(token_file),
+                   KEYROOM_SIGNER_CA_FILE=str(environment.state_dir / "pki" / "ca.crt"))
     process = supervisor.spawn("operator", [sys.executable, "-m", "keyroom.operator", "--verbose"], env=env)
     log_path = supervisor.logs / "operator.log"
     supervisor.wait_until("operator", process, lambda: "keyroom operator ready" in log_path.read_text(errors="replace"),

@@ -1,0 +1,110 @@
+"""The operator's side of the signer API.
+
+It authenticates with a ServiceAccount token whose audience is the signer's
+(a projected token file in a cluster, re-read as the kubelet rotates it) and
+trusts the signer's CA. It never imports pkcs11 and never sees key material:
+only public keys and signatures come back.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import ssl
+from typing import Any
+
+import aiohttp
+
+
+class SignerError(Exception):
+    """A refused or failed signer call; ``reason`` is the signer's CamelCase code."""
+
+    def __init__(self, reason: str, message: str, *, status: int = 0) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.status = status
+
+    @property
+    def transient(self) -> bool:
+        """Worth retrying without a change of configuration."""
+        return self.reason in ("SignerUnreachable", "AuthenticationUnavailable", "HSMUnavailable", "DeviceError")
+
+
+@dataclasses.dataclass(frozen=True)
+class KeyRef:
+    namespace: str
+    name: str
+    uid: str
+    version: int
+
+    @property
+    def path(self) -> str:
+        return f"/v1/keys/{self.namespace}/{self.name}/{self.uid}/{self.version}"
+
+
+class SignerClient:
+    def __init__(self, *, url: str, token_file: str, ca_file: str | None = None, timeout: float = 30.0) -> None:
+        self.url = url.rstrip("/")
+        self.token_file = token_file
+        self._ssl = ssl.create_default_context(cafile=ca_file) if ca_file else None
+        self._timeout = aiohttp.ClientTimeout(total=timeout)
+        self._session: aiohttp.ClientSession | None = None
+        self._token: tuple[float, str] | None = None
+
+    @classmethod
+    def from_environment(cls) -> "SignerClient | None":
+        if not os.environ.get("KEYROOM_SIGNER_URL"):
+            return None
+        return cls(url=os.environ["KEYROOM_SIGNER_URL"],
+                   token_file=os.environ.get("KEYROOM_SIGNER_TOKEN_FILE",
+                                             "/var/run/secrets/keyroom.dev/signer/token"),
+                   ca_file=os.environ.get("KEYROOM_SIGNER_CA_FILE"))
+
+    def _bearer(self) -> str:
+        mtime = os.stat(self.token_file).st_mtime
+        if self._token is None or self._token[0] != mtime:
+            with open(self.token_file) as token_file:
+                self._token = (mtime, token_file.read().strip())
+        return self._token[1]
+
+    async def _call(self, method: str, path: str, body: dict | None = None) -> dict[str, Any]:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(timeout=self._timeout,
+                                                  connector=aiohttp.TCPConnector(ssl=self._ssl, limit=32))
+        try:
+            headers = {"Authorization": f"Bearer {self._bearer()}"}
+        except OSError as error:
+            raise SignerError("SignerUnauthenticated", f"cannot read the signer token file: {error.strerror}")
+        try:
+            async with self._session.request(method, self.url + path, json=body, headers=headers) as response:
+                payload = await response.json(content_type=None)
+                if response.status >= 400:
+                    payload = payload or {}
+                    reason = payload.get("reason", f"HTTP{response.status}")
+                    if response.status in (401, 403):
+                        reason = "SignerUnauthenticated" if response.status == 401 else "SignerForbidden"
+                    raise SignerError(reason, payload.get("message", response.reason or ""), status=response.status)
+                return payload
+        except (aiohttp.ClientError, TimeoutError, OSError) as error:
+            raise SignerError("SignerUnreachable", f"cannot reach the signer at {self.url}: {error}") from None
+
+    async def generate(self, key: KeyRef, *, algorithm: str) -> dict[str, str]:
+        return await self._call("PUT", key.path, {"algorithm": algorithm})
+
+    async def public_key(self, key: KeyRef) -> dict[str, str]:
+        return await self._call("GET", key.path)
+
+    async def destroy(self, key: KeyRef) -> bool:
+        return (await self._call("DELETE", key.path))["destroyed"]
+
+    async def list_objects(self) -> list[dict]:
+        return (await self._call("GET", "/v1/keys"))["objects"]
+
+    async def sign(self, key: KeyRef, *, digest_algorithm: str, digests: list[str],
+                   rsa_padding: str = "pkcs1v15") -> list[str]:
+        body = {"digestAlgorithm": digest_algorithm, "digests": digests, "rsaPadding": rsa_padding}
+        return (await self._call("POST", key.path + "/sign", body))["signatures"]
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None

@@ -1,0 +1,335 @@
+"""The signer service: the only process that holds an HSM session.
+
+It serves a small JSON API over TLS to exactly one caller, the keyroom
+operator. Every call but the health and metrics endpoints carries the caller's
+Kubernetes ServiceAccount token; the signer asks the API server (TokenReview,
+with the signer's own audience) who that is and accepts only the configured
+operator identity. No unauthenticated path reaches a key.
+
+PKCS#11 calls block, so they run in a thread pool as large as the session
+pool: the event loop stays free to accept and authenticate while the token
+works. A token that cannot be opened (module missing, token not found, wrong
+PIN) does not crash the process: health and every call report the reason, so
+the operator can show it in SigningKey conditions instead of a crash loop. A
+wrong PIN is never retried on its own, because real HSMs lock a PIN after a
+few failures.
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import concurrent.futures
+import dataclasses
+import hashlib
+import logging
+import os
+import ssl
+import time
+from typing import Any, Awaitable, Callable
+
+import kubernetes
+import prometheus_client
+from aiohttp import web
+from cryptography.hazmat.primitives import serialization
+
+from keyroom.signer import hsm
+
+logger = logging.getLogger("keyroom.signer")
+
+DEFAULT_AUDIENCE = "keyroom-signer"
+DEFAULT_CALLER = "system:serviceaccount:keyroom-system:keyroom-operator"
+_RETRY_OPEN_SECONDS = 10.0
+_AUTH_CACHE_SECONDS = 60.0
+
+_STATUS_BY_REASON = {
+    "KeyNotFound": 404, "KeyExists": 409, "InvalidRequest": 400, "TokenFull": 507,
+    "ModuleNotFound": 503, "TokenNotFound": 503, "PinIncorrect": 503, "PinLocked": 503, "DeviceError": 503,
+    "HSMUnavailable": 503,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class SignerConfig:
+    module_path: str
+    token_label: str
+    pin: str = dataclasses.field(repr=False)
+    sessions: int = 4
+    host: str = "127.0.0.1"
+    port: int = 8443
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    audience: str = DEFAULT_AUDIENCE
+    allowed_callers: tuple[str, ...] = (DEFAULT_CALLER,)
+
+    @classmethod
+    def from_environment(cls, environ: dict[str, str] | None = None) -> "SignerConfig":
+        """Read the configuration; the PIN from KEYROOM_PIN_FILE (a mounted Secret) or KEYROOM_PIN."""
+        env = os.environ if environ is None else environ
+        if env.get("KEYROOM_PIN_FILE"):
+            with open(env["KEYROOM_PIN_FILE"]) as pin_file:
+                pin = pin_file.read().strip()
+        elif env.get("KEYROOM_PIN"):
+            pin = env["KEYROOM_PIN"]
+        else:
+            raise ValueError("set KEYROOM_PIN_FILE (a file holding the token's user PIN) or KEYROOM_PIN")
+        if not env.get("KEYROOM_TOKEN_LABEL"):
+            raise ValueError("set KEYROOM_TOKEN_LABEL to the label of the PKCS#11 token to use")
+        host, _, port = env.get("KEYROOM_SIGNER_LISTEN", "127.0.0.1:8443").rpartition(":")
+        return cls(
+            module_path=env.get("KEYROOM_PKCS11_MODULE") or "/usr/lib/softhsm/libsofthsm2.so",
+            token_label=env["KEYROOM_TOKEN_LABEL"],
+            pin=pin,
+            sessions=int(env.get("KEYROOM_SIGNER_SESSIONS", "4")),
+            host=host or "127.0.0.1",
+            port=int(port),
+            tls_cert=env.get("KEYROOM_SIGNER_TLS_CERT"),
+            tls_key=env.get("KEYROOM_SIGNER_TLS_KEY"),
+            audience=env.get("KEYROOM_SIGNER_AUDIENCE", DEFAULT_AUDIENCE),
+            allowed_callers=tuple(env.get("KEYROOM_SIGNER_ALLOWED_CALLERS", DEFAULT_CALLER).split(",")),
+        )
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = prometheus_client.CollectorRegistry()
+        self.requests = prometheus_client.Counter(
+            "keyroom_signer_requests", "Calls to the signer by operation and outcome",
+            ["operation", "outcome"], registry=self.registry)
+        self.signatures = prometheus_client.Counter(
+            "keyroom_signer_signatures", "Signatures made", registry=self.registry)
+        self.latency = prometheus_client.Histogram(
+            "keyroom_signer_hsm_seconds", "Time spent in the HSM by operation", ["operation"],
+            buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1, 5), registry=self.registry)
+        self.token_up = prometheus_client.Gauge(
+            "keyroom_signer_token_up", "1 when the PKCS#11 token is open", registry=self.registry)
+
+
+class Authenticator:
+    """Validates callers' ServiceAccount tokens with the TokenReview API, caching answers briefly."""
+
+    def __init__(self, *, audience: str, allowed_callers: tuple[str, ...],
+                 api: kubernetes.client.AuthenticationV1Api | None = None) -> None:
+        self.audience = audience
+        self.allowed_callers = allowed_callers
+        self._api = api
+        self._cache: dict[str, tuple[float, str | None]] = {}
+
+    def _review(self, token: str) -> str | None:
+        if self._api is None:
+            try:
+                kubernetes.config.load_incluster_config()
+            except kubernetes.config.ConfigException:
+                kubernetes.config.load_kube_config()
+            self._api = kubernetes.client.AuthenticationV1Api()
+        review = self._api.create_token_review(kubernetes.client.V1TokenReview(
+            spec=kubernetes.client.V1TokenReviewSpec(token=token, audiences=[self.audience])))
+        status = review.status
+        if not status.authenticated or self.audience not in (status.audiences or []):
+            return None
+        return status.user.username
+
+    async def caller(self, token: str) -> str | None:
+        """The authenticated username behind the token, or None."""
+        key = hashlib.sha256(token.encode()).hexdigest()
+        cached = self._cache.get(key)
+        if cached and cached[0] > time.monotonic():
+            return cached[1]
+        username = await asyncio.to_thread(self._review, token)
+        self._cache[key] = (time.monotonic() + _AUTH_CACHE_SECONDS, username)
+        return username
+
+
+def _error(status: int, reason: str, message: str) -> web.Response:
+    return web.json_response({"reason": reason, "message": message}, status=status)
+
+
+def public_key_document(der: bytes) -> dict[str, str]:
+    pem = serialization.load_der_public_key(der).public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode()
+    return {"publicKey": pem, "fingerprint": "sha256:" + hashlib.sha256(der).hexdigest()}
+
+
+class Signer:
+    """The service: a token, a bounded pool of threads to use it, and the HTTP routes."""
+
+    def __init__(self, config: SignerConfig, *, authenticator: Authenticator | None = None) -> None:
+        self.config = config
+        self.metrics = Metrics()
+        self.authenticator = authenticator or Authenticator(audience=config.audience,
+                                                            allowed_callers=config.allowed_callers)
+        self.token: hsm.Token | None = None
+        self.token_error: hsm.HSMError | None = None
+        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=config.sessions,
+                                                               thread_name_prefix="pkcs11")
+        self._opener: asyncio.Task | None = None
+
+    # -------------------------------------------------------------- the token
+
+    def _open_token(self) -> None:
+        token = hsm.Token(module_path=self.config.module_path, token_label=self.config.token_label,
+                          pin=self.config.pin, sessions=self.config.sessions)
+        token.open()
+        self.token = token
+
+    async def _keep_token_open(self) -> None:
+        while self.token is None:
+            try:
+                await asyncio.get_running_loop().run_in_executor(self._executor, self._open_token)
+                self.token_error = None
+                self.metrics.token_up.set(1)
+                logger.info("PKCS#11 token %r is open with %d sessions", self.config.token_label,
+                            self.config.sessions)
+            except hsm.HSMError as error:
+                self.token_error = error
+                self.metrics.token_up.set(0)
+                logger.error("cannot open the PKCS#11 token: %s (%s)", error, error.reason)
+                if error.reason in ("PinIncorrect", "PinLocked"):
+                    return  # retrying a wrong PIN would lock the token
+                await asyncio.sleep(_RETRY_OPEN_SECONDS)
+
+    async def _in_token(self, operation: str, call: Callable[[hsm.Token], Any]) -> Any:
+        token = self.token
+        if token is None:
+            error = self.token_error or hsm.HSMError("HSMUnavailable", "the PKCS#11 token is not open yet")
+            raise error
+        started = time.perf_counter()
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._executor, call, token)
+        finally:
+            self.metrics.latency.labels(operation).observe(time.perf_counter() - started)
+
+    # -------------------------------------------------------------- HTTP
+
+    @web.middleware
+    async def _authenticate(self, request: web.Request,
+                            handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+        if request.path in ("/healthz", "/metrics"):
+            return await handler(request)
+        header = request.headers.get("Authorization", "")
+        if not header.startswith("Bearer ") or not header[7:].strip():
+            self.metrics.requests.labels("authenticate", "Unauthenticated").inc()
+            return _error(401, "Unauthenticated", "present a ServiceAccount token as 'Authorization: Bearer ...'")
+        try:
+            caller = await self.authenticator.caller(header[7:].strip())
+        except Exception as error:  # the API server is unreachable: refuse, never fail open
+            logger.error("TokenReview failed: %s", type(error).__name__)
+            return _error(503, "AuthenticationUnavailable", "cannot validate the token with the API server")
+        if caller is None:
+            return _error(401, "Unauthenticated", f"the token is not valid for audience {self.config.audience}")
+        if caller not in self.config.allowed_callers:
+            logger.warning("refused a call by %s", caller)
+            return _error(403, "Forbidden", f"{caller} may not call the signer")
+        return await handler(request)
+
+    async def _run(self, operation: str, call: Callable[[], Awaitable[web.Response]]) -> web.Response:
+        try:
+            response = await call()
+            self.metrics.requests.labels(operation, "ok").inc()
+            return response
+        except hsm.HSMError as error:
+            self.metrics.requests.labels(operation, error.reason).inc()
+            return _error(_STATUS_BY_REASON.get(error.reason, 500), error.reason, str(error))
+        except (KeyError, ValueError, TypeError) as error:
+            self.metrics.requests.labels(operation, "InvalidRequest").inc()
+            return _error(400, "InvalidRequest", f"malformed request: {error}")
+
+    @staticmethod
+    def _handle(request: web.Request) -> hsm.KeyHandle:
+        info = request.match_info
+        return hsm.KeyHandle(namespace=info["namespace"], name=info["name"], uid=info["uid"],
+                             version=int(info["version"]))
+
+    async def health(self, request: web.Request) -> web.Response:
+        if self.token is not None:
+            return web.json_response({"status": "ok", "token": self.config.token_label})
+        error = self.token_error
+        return _error(503, error.reason if error else "HSMUnavailable",
+                      str(error) if error else "the PKCS#11 token is not open yet")
+
+    async def metrics_endpoint(self, request: web.Request) -> web.Response:
+        return web.Response(body=prometheus_client.generate_latest(self.metrics.registry),
+                            headers={"Content-Type": prometheus_client.CONTENT_TYPE_LATEST})
+
+    async def generate(self, request: web.Request) -> web.Response:
+        """Generate a version's key pair; calling again for the same version returns the same key."""
+        async def call():
+            handle = self._handle(request)
+            algorithm = (await request.json())["algorithm"]
+            try:
+                der = await self._in_token("generate", lambda t: t.generate(handle, algorithm=algorithm))
+                logger.info("generated %s", handle.label)
+            except hsm.HSMError as error:
+                if error.reason != "KeyExists":
+                    raise
+                der = await self._in_token("public_key", lambda t: t.public_key(handle))
+            return web.json_response(public_key_document(der))
+        return await self._run("generate", call)
+
+    async def public_key(self, request: web.Request) -> web.Response:
+        async def call():
+            handle = self._handle(request)
+            return web.json_response(public_key_document(
+                await self._in_token("public_key", lambda t: t.public_key(handle))))
+        return await self._run("public_key", call)
+
+    async def destroy(self, request: web.Request) -> web.Response:
+        async def call():
+            handle = self._handle(request)
+            destroyed = await self._in_token("destroy", lambda t: t.destroy(handle))
+            logger.info("destroyed %s" if destroyed else "%s was already destroyed", handle.label)
+            return web.json_response({"destroyed": destroyed})
+        return await self._run("destroy", call)
+
+    async def list_objects(self, request: web.Request) -> web.Response:
+        async def call():
+            objects = await self._in_token("list", lambda t: t.list_objects())
+            return web.json_response({"objects": [
+                {"label": o.label, "id": o.object_id, "class": o.object_class,
+                 "key": dataclasses.asdict(o.handle) if o.handle else None} for o in objects]})
+        return await self._run("list", call)
+
+    async def sign(self, request: web.Request) -> web.Response:
+        """Sign digests with one key version: {"digestAlgorithm", "digests": [hex], "rsaPadding"}."""
+        async def call():
+            handle = self._handle(request)
+            body = await request.json()
+            digests = [bytes.fromhex(d) for d in body["digests"]]
+            algorithm, padding = body["digestAlgorithm"], body.get("rsaPadding", "pkcs1v15")
+            signatures = await self._in_token("sign", lambda t: [
+                t.sign(handle, digest=d, digest_algorithm=algorithm, rsa_padding=padding) for d in digests])
+            self.metrics.signatures.inc(len(signatures))
+            return web.json_response({"signatures": [base64.b64encode(s).decode() for s in signatures]})
+        return await self._run("sign", call)
+
+    def application(self) -> web.Application:
+        app = web.Application(middlewares=[self._authenticate], client_max_size=4 * 1024 * 1024)
+        key = "/v1/keys/{namespace}/{name}/{uid}/{version:[0-9]+}"
+        app.add_routes([
+            web.get("/healthz", self.health),
+            web.get("/metrics", self.metrics_endpoint),
+            web.get("/v1/keys", self.list_objects),
+            web.put(key, self.generate),
+            web.get(key, self.public_key),
+            web.delete(key, self.destroy),
+            web.post(key + "/sign", self.sign),
+        ])
+        app.on_startup.append(self._on_startup)
+        app.on_cleanup.append(self._on_cleanup)
+        return app
+
+    async def _on_startup(self, app: web.Application) -> None:
+        self._opener = asyncio.create_task(self._keep_token_open())
+
+    async def _on_cleanup(self, app: web.Application) -> None:
+        if self._opener:
+            self._opener.cancel()
+        if self.token is not None:
+            await asyncio.get_running_loop().run_in_executor(self._executor, self.token.close)
+        self._executor.shutdown(wait=False)
+
+    def ssl_context(self) -> ssl.SSLContext:
+        if not self.config.tls_cert or not self.config.tls_key:
+            raise ValueError("the signer serves TLS only: set KEYROOM_SIGNER_TLS_CERT and KEYROOM_SIGNER_TLS_KEY")
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(self.config.tls_cert, self.config.tls_key)
+        return context

@@ -1,0 +1,239 @@
+"""SigningKeys on the real control plane, with the signer on a real SoftHSM token.
+
+Time-based behaviour (rotation, windows, destruction) uses schedules of a few
+seconds rather than a fake clock: the operator sleeps until the exact edge, so
+these tests also show that it does.
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import datetime
+import hashlib
+import json
+import subprocess
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+
+from keyroom.schedule import format_time, parse_time
+from keyroom.signer.client import KeyRef, SignerClient, SignerError
+from tests.conftest import apply, get, kubectl, wait_for
+
+pytestmark = pytest.mark.integration
+
+NAMESPACE = "team-a"
+
+
+def _key(name: str, **spec) -> dict:
+    return {"apiVersion": "keyroom.dev/v1alpha1", "kind": "SigningKey",
+            "metadata": {"name": name, "namespace": NAMESPACE},
+            "spec": {"algorithm": "ECDSA_P256", **spec}}
+
+
+def _status(cluster, name: str, namespace: str = NAMESPACE) -> dict:
+    return get(cluster, "signingkey", name, namespace=namespace).get("status", {})
+
+
+def _condition(status: dict, type: str) -> dict:
+    return next((c for c in status.get("conditions", []) if c["type"] == type), {})
+
+
+def _signer_call(cluster, coroutine_factory, *, token: str | None = None):
+    """Run one signer-client call as the operator (or with ``token``)."""
+    token_file = cluster.state_dir / "operator-signer-token"
+    if token is not None:
+        token_file = cluster.state_dir / "test-token"
+        token_file.write_text(token)
+    client = SignerClient(url=cluster.signer_url, token_file=str(token_file),
+                          ca_file=str(cluster.state_dir / "pki" / "ca.crt"))
+
+    async def run():
+        try:
+            return await coroutine_factory(client)
+        finally:
+            await client.close()
+    return asyncio.run(run())
+
+
+def _ref(cluster, name: str, version: int) -> KeyRef:
+    uid = get(cluster, "signingkey", name, namespace=NAMESPACE)["metadata"]["uid"]
+    return KeyRef(namespace=NAMESPACE, name=name, uid=uid, version=version)
+
+
+def _ready_key(cluster, unique, **spec) -> tuple[str, dict]:
+    name = unique("key")
+    assert apply(cluster, _key(name, **spec)).returncode == 0
+    status = wait_for(lambda: (s := _status(cluster, name)).get("currentVersion") and s,
+                      what=f"{name} to get its first version")
+    return name, status
+
+
+@pytest.mark.parametrize("algorithm,openssl_args", [
+    ("ECDSA_P256", []),
+    ("RSA_3072", []),
+])
+def test_a_new_key_is_generated_and_its_signature_verifies_with_openssl(cluster, unique, tmp_path,
+                                                                        algorithm, openssl_args):
+    name, status = _ready_key(cluster, unique, algorithm=algorithm)
+    assert status["phase"] == "Active" and status["online"] is True
+    assert _condition(status, "Ready")["status"] == "True"
+    assert _condition(status, "Online")["status"] == "True"
+    assert status["observedGeneration"] == 1
+    [version] = status["versions"]
+    assert version["state"] == "Enabled" and version["version"] == 1
+    der = serialization.load_pem_public_key(version["publicKey"].encode()).public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    assert version["fingerprint"] == "sha256:" + hashlib.sha256(der).hexdigest()
+
+    artifact = tmp_path / "artifact.bin"
+    artifact.write_bytes(b"keyroom release artifact\n" * 100)
+    digest = hashlib.sha256(artifact.read_bytes()).hexdigest()
+    [signature] = _signer_call(cluster, lambda c: c.sign(_ref(cluster, name, 1), digest_algorithm="SHA256",
+                                                         digests=[digest]))
+    (tmp_path / "key.pem").write_text(version["publicKey"])
+    (tmp_path / "artifact.sig").write_bytes(base64.b64decode(signature))
+    verify = subprocess.run(["openssl", "dgst", "-sha256", "-verify", str(tmp_path / "key.pem"),
+                             "-signature", str(tmp_path / "artifact.sig"), *openssl_args, str(artifact)],
+                            capture_output=True, text=True)
+    assert verify.returncode == 0 and "Verified OK" in verify.stdout, verify.stdout + verify.stderr
+    artifact.write_bytes(b"tampered")
+    tampered = subprocess.run(["openssl", "dgst", "-sha256", "-verify", str(tmp_path / "key.pem"),
+                               "-signature", str(tmp_path / "artifact.sig"), str(artifact)], capture_output=True)
+    assert tampered.returncode != 0
+
+    events = kubectl(cluster, "get", "events", "-n", NAMESPACE, f"--field-selector=involvedObject.name={name}")
+    assert "KeyGenerated" in events.stdout
+
+
+def test_manual_rotation_is_declarative_and_idempotent(cluster, unique):
+    name, _ = _ready_key(cluster, unique)
+    annotate = lambda value: kubectl(cluster, "annotate", "--overwrite", "signingkey", name, "-n", NAMESPACE,
+                                     f"keyroom.dev/rotate={value}")
+    assert annotate("2026-12-01").returncode == 0
+    status = wait_for(lambda: (s := _status(cluster, name)).get("currentVersion") == 2 and s, what="version 2")
+    assert [(v["version"], v["state"]) for v in status["versions"]] == [(2, "Enabled"), (1, "Disabled")]
+    assert status["versions"][0]["publicKey"] != status["versions"][1]["publicKey"]
+    assert status["lastRotationRequest"] == "2026-12-01"
+
+    # Touching the object again without a new value rotates nothing.
+    assert kubectl(cluster, "label", "signingkey", name, "-n", NAMESPACE, "touched=yes").returncode == 0
+    assert annotate("2026-12-01").returncode == 0
+    assert annotate("2026-12-02").returncode == 0
+    status = wait_for(lambda: (s := _status(cluster, name)).get("currentVersion") == 3 and s, what="version 3")
+    assert len(status["versions"]) == 3
+
+
+def test_scheduled_rotation_trims_and_destroys_old_versions(cluster, unique):
+    name, _ = _ready_key(cluster, unique, rotation={"every": "3s", "keepVersions": 1}, destructionDelay="2s")
+    status = wait_for(lambda: (s := _status(cluster, name)).get("versions")
+                      and any(v["version"] == 1 and v["state"] == "Destroyed" for v in s["versions"]) and s,
+                      timeout=40, what="version 1 to be rotated out and destroyed")
+    states = {v["version"]: v["state"] for v in status["versions"]}
+    assert states[1] == "Destroyed" and status["currentVersion"] >= 3
+    assert states[status["currentVersion"]] == "Enabled"
+    assert status["nextRotationAt"]
+    with pytest.raises(SignerError) as refused:
+        _signer_call(cluster, lambda c: c.public_key(_ref(cluster, name, 1)))
+    assert refused.value.reason == "KeyNotFound"
+    # The destroyed version's public key stays published for verifying old signatures.
+    assert next(v for v in status["versions"] if v["version"] == 1)["publicKey"].startswith("-----BEGIN PUBLIC KEY")
+
+
+def test_online_flips_at_the_window_edges(cluster, unique):
+    start = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0) + datetime.timedelta(seconds=5)
+    end = start + datetime.timedelta(seconds=4)
+    name, status = _ready_key(cluster, unique, offline={"enabled": True, "windows": [
+        {"start": format_time(start), "end": format_time(end)}]})
+    assert status["online"] is False and status["phase"] == "Offline"
+    assert status["nextWindowAt"] == format_time(start)
+    assert "offline until" in _condition(status, "Online")["message"]
+
+    opened = wait_for(lambda: (s := _status(cluster, name)).get("online") and s, timeout=20, what="the window to open")
+    flipped = parse_time(_condition(opened, "Online")["lastTransitionTime"])
+    assert abs((flipped - start).total_seconds()) <= 1.0
+    assert opened["phase"] == "Active"
+    closed = wait_for(lambda: (s := _status(cluster, name)).get("online") is False and s, timeout=20,
+                      what="the window to close")
+    assert abs((parse_time(_condition(closed, "Online")["lastTransitionTime"]) - end).total_seconds()) <= 1.0
+
+
+def test_deleting_a_key_destroys_its_material_only_after_the_delay(cluster, unique):
+    name, _ = _ready_key(cluster, unique, destructionDelay="3s")
+    ref = _ref(cluster, name, 1)
+    assert kubectl(cluster, "delete", "signingkey", name, "-n", NAMESPACE, "--wait=false").returncode == 0
+    pending = wait_for(lambda: (s := _status(cluster, name)).get("versions", [{}])[0].get("state")
+                       == "PendingDestruction" and s, what="destruction to be scheduled")
+    assert pending["versions"][0]["destroyAt"]
+    assert _signer_call(cluster, lambda c: c.public_key(ref))["publicKey"]  # not destroyed yet
+    wait_for(lambda: kubectl(cluster, "get", "signingkey", name, "-n", NAMESPACE).returncode != 0, timeout=30,
+             what="the SigningKey to be gone")
+    with pytest.raises(SignerError) as refused:
+        _signer_call(cluster, lambda c: c.public_key(ref))
+    assert refused.value.reason == "KeyNotFound"
+
+
+def test_a_scheduled_destruction_is_cancelled_by_retain(cluster, unique):
+    name, _ = _ready_key(cluster, unique, destructionDelay="1h")
+    ref = _ref(cluster, name, 1)
+    assert kubectl(cluster, "delete", "signingkey", name, "-n", NAMESPACE, "--wait=false").returncode == 0
+    wait_for(lambda: _status(cluster, name).get("versions", [{}])[0].get("state") == "PendingDestruction",
+             what="destruction to be scheduled")
+    patch = kubectl(cluster, "patch", "signingkey", name, "-n", NAMESPACE, "--type=merge",
+                    "-p", json.dumps({"spec": {"deletionPolicy": "Retain"}}))
+    assert patch.returncode == 0, patch.stderr
+    wait_for(lambda: kubectl(cluster, "get", "signingkey", name, "-n", NAMESPACE).returncode != 0, timeout=30,
+             what="the SigningKey to be released")
+    assert _signer_call(cluster, lambda c: c.public_key(ref))["publicKey"]
+
+
+def test_another_teams_key_is_invisible(cluster, unique):
+    name = unique("team-b-key")
+    key = _key(name)
+    key["metadata"]["namespace"] = "team-b"
+    assert apply(cluster, key).returncode == 0
+    assert kubectl(cluster, "get", "signingkey", name, "-n", "team-b", identity="alice").returncode != 0
+    listed = kubectl(cluster, "get", "signingkeys", "-n", NAMESPACE, "-o", "name", identity="alice")
+    assert listed.returncode == 0 and name not in listed.stdout
+    assert kubectl(cluster, "get", "signingkeys", "-A", identity="alice").returncode != 0
+
+
+def test_a_bad_time_zone_stalls_the_key_with_a_clear_message(cluster, unique):
+    name = unique("key")
+    assert apply(cluster, _key(name, offline={"windows": [
+        {"schedule": "0 9 * * *", "duration": "1h", "timeZone": "Mars/Olympus"}]})).returncode == 0
+    status = wait_for(lambda: _condition(s := _status(cluster, name), "Stalled") and s, what="Stalled")
+    assert _condition(status, "Stalled")["reason"] == "InvalidSpec"
+    assert "Mars/Olympus" in _condition(status, "Ready")["message"]
+
+
+# ---------------------------------------------------------------- the signer's door
+
+def _raw_call(cluster, token: str | None) -> int:
+    import ssl
+    import urllib.error
+    import urllib.request
+
+    context = ssl.create_default_context(cafile=str(cluster.state_dir / "pki" / "ca.crt"))
+    request = urllib.request.Request(cluster.signer_url + "/v1/keys")
+    if token is not None:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        return urllib.request.urlopen(request, context=context, timeout=10).status
+    except urllib.error.HTTPError as error:
+        return error.code
+
+
+def _token(cluster, service_account: str, audience: str | None) -> str:
+    args = ["create", "token", service_account, "-n", "keyroom-system"]
+    if audience:
+        args.append(f"--audience={audience}")
+    return kubectl(cluster, *args).stdout.strip()
+
+
+def test_the_signer_refuses_calls_without_a_valid_operator_token(cluster):
+    assert _raw_call(cluster, None) == 401
+    assert _raw_call(cluster, "not-a-token") == 401
+    assert _raw_call(cluster, _token(cluster, "keyroom-operator", None)) == 401          # wrong audience
+    assert _raw_call(cluster, _token(cluster, "keyroom-signer", "keyroom-signer")) == 403  # another account
+    assert _raw_call(cluster, _token(cluster, "keyroom-operator", "keyroom-signer")) == 200
