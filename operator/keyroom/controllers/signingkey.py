@@ -44,6 +44,13 @@ def now() -> datetime.datetime:
 
 # ---------------------------------------------------------------- pure steps
 
+def key_availability(spec: Mapping, at: datetime.datetime) -> schedule.Availability:
+    """The key's windows at ``at``; a key whose windows cannot be read stays offline (fail closed)."""
+    if schedule.validate_windows(spec.get("offline")):
+        return schedule.Availability(online=False, until=None, next_open=None)
+    return schedule.availability(spec.get("offline"), at)
+
+
 def current_version(versions: list[dict]) -> dict | None:
     return next((v for v in versions if v["state"] == "Enabled"), None)
 
@@ -111,7 +118,7 @@ def desired_status(*, spec: Mapping, status: Mapping, versions: list[dict], gene
                    at: datetime.datetime, error: SignerError | None = None,
                    rotation_request: str | None = None) -> dict:
     """The whole status of a SigningKey from its versions, the clock and the last signer error."""
-    availability = schedule.availability(spec.get("offline"), at)
+    availability = key_availability(spec, at)
     current = current_version(versions)
     destroyed = bool(versions) and all(v["state"] == "Destroyed" for v in versions)
     online = bool(current) and availability.online
@@ -251,7 +258,7 @@ async def reconcile(*, body: Mapping, signer: SignerClient | None, at: datetime.
             kopf.info(body, reason="Online" if desired["online"] else "Offline", message=desired["message"])
     if error is not None:
         raise error
-    return next_wakeup(spec, versions, schedule.availability(spec.get("offline"), at), at)
+    return next_wakeup(spec, versions, key_availability(spec, at), at)
 
 
 async def _sleep(stopped: kopf.DaemonStopped, wakeup: asyncio.Event, seconds: float | None) -> None:
@@ -286,31 +293,44 @@ def wake_signing_key(memo: kopf.Memo, **_: Any) -> None:
         memo["wakeup"].set()
 
 
+_DELETION_POLL_SECONDS = 5.0
+
+
 @kopf.on.delete(GROUP, VERSION, "signingkeys")
 async def delete_signing_key(body: kopf.Body, spec: Mapping, status: Mapping, meta: Mapping, memo: kopf.Memo,
-                             patch: kopf.Patch, **_: Any) -> None:
-    """Deleting a SigningKey never destroys key material silently: see the module docstring."""
+                             **_: Any) -> None:
+    """Deleting a SigningKey never destroys key material silently: see the module docstring.
+
+    The handler waits for ``destroyAt`` itself, re-reading the object every few
+    seconds (reads only), so that setting ``deletionPolicy: Retain`` cancels at
+    once; Kopf's own retry delays would not notice the change until they expire.
+    """
+    key = _Context(namespace=meta["namespace"], name=meta["name"], uid=meta["uid"])
+    versions = schedule_destruction([dict(v) for v in status.get("versions") or []], spec=spec, at=now(),
+                                    everything=True)
+    pending = [v for v in versions if v["state"] == "PendingDestruction"]
+    if spec.get("deletionPolicy") != "Retain" and pending:
+        when = min(schedule.parse_time(v["destroyAt"]) for v in pending)
+        if versions != status.get("versions"):
+            await kube.patch_status(plural="signingkeys", namespace=key.namespace, name=key.name,
+                                    status={"versions": versions, "phase": "Offline", "online": False})
+            kopf.warn(body, reason="DestructionScheduled",
+                      message=f"key material will be destroyed at {schedule.format_time(when)}; "
+                              "set spec.deletionPolicy: Retain to cancel")
+        while now() < when:
+            await asyncio.sleep(min(_DELETION_POLL_SECONDS, (when - now()).total_seconds()))
+            current = await kube.get(plural="signingkeys", namespace=key.namespace, name=key.name)
+            if current is None or current["metadata"]["uid"] != key.uid:
+                return
+            spec = current["spec"]
+            if spec.get("deletionPolicy") == "Retain":
+                break
     if spec.get("deletionPolicy") == "Retain":
         kopf.info(body, reason="KeyRetained", message="deletionPolicy Retain: the key material stays in the HSM")
         return
-    at = now()
-    versions = schedule_destruction([dict(v) for v in status.get("versions") or []], spec=spec, at=at,
-                                    everything=True)
-    pending = [v for v in versions if v["state"] == "PendingDestruction"]
-    later = [schedule.parse_time(v["destroyAt"]) for v in pending if schedule.parse_time(v["destroyAt"]) > at]
-    if later:
-        patch.status["versions"] = versions
-        patch.status["phase"] = "Offline"
-        patch.status["online"] = False
-        when = schedule.format_time(min(later))
-        if [v.get("destroyAt") for v in versions] != [v.get("destroyAt") for v in status.get("versions") or []]:
-            kopf.warn(body, reason="DestructionScheduled",
-                      message=f"key material will be destroyed at {when}; set spec.deletionPolicy: Retain to cancel")
-        raise kopf.TemporaryError(f"waiting until {when} to destroy the key material", delay=(min(later) - at).total_seconds())
     signer: SignerClient | None = memo.get("signer")
     if signer is None:
         raise kopf.TemporaryError("the operator has no signer to destroy the key material with", delay=60)
-    key = _Context(namespace=meta["namespace"], name=meta["name"], uid=meta["uid"])
     try:
         for version in pending:
             await signer.destroy(key.ref(version["version"]))
