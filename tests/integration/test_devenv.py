@@ -45,7 +45,7 @@ def test_up_detach_then_down_leaves_nothing_behind(state_dir):
     assert "local control plane up in" in up.stderr
     assert f"export KUBECONFIG={state_dir / 'kubeconfig-alice'}" in up.stdout
     pids = _pids(state_dir)
-    assert len(pids) == 4 and all(_running(pid) for pid in pids)
+    assert len(pids) == 5 and all(_running(pid) for pid in pids)
 
     environment = controlplane.load(state_dir)
     result = environment.run_kubectl("-n", "team-a", "get", "keyroom", identity="alice", check=False)
