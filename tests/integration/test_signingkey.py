@@ -236,3 +236,49 @@ def test_the_signer_refuses_calls_without_a_valid_operator_token(cluster):
     assert _raw_call(cluster, _token(cluster, "keyroom-operator", None)) == 401          # wrong audience
     assert _raw_call(cluster, _token(cluster, "keyroom-signer", "keyroom-signer")) == 403  # another account
     assert _raw_call(cluster, _token(cluster, "keyroom-operator", "keyroom-signer")) == 200
+
+
+def test_a_wrong_pin_is_reported_without_the_pin(cluster, tmp_path):
+    """A second signer on the same token with a wrong PIN reports PinIncorrect and never prints a PIN."""
+    import os
+    import socket
+    import ssl
+    import sys
+    import urllib.error
+    import urllib.request
+
+    hsm_dir = cluster.state_dir / "hsm"
+    real_pin = (hsm_dir / "pin").read_text().strip()
+    wrong_pin = "wrong-" + real_pin[::-1]
+    (tmp_path / "pin").write_text(wrong_pin)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = dict(os.environ, SOFTHSM2_CONF=str(hsm_dir / "softhsm2.conf"), KEYROOM_TOKEN_LABEL="keyroom-dev",
+               KEYROOM_PIN_FILE=str(tmp_path / "pin"), KEYROOM_SIGNER_LISTEN=f"127.0.0.1:{port}",
+               KEYROOM_SIGNER_TLS_CERT=str(cluster.state_dir / "pki" / "signer.crt"),
+               KEYROOM_SIGNER_TLS_KEY=str(cluster.state_dir / "pki" / "signer.key"),
+               KUBECONFIG=str(cluster.kubeconfig("signer")))
+    log = tmp_path / "signer.log"
+    with open(log, "wb") as output:
+        process = subprocess.Popen([sys.executable, "-m", "keyroom.signer"], env=env, stdout=output,
+                                   stderr=subprocess.STDOUT)
+    context = ssl.create_default_context(cafile=str(cluster.state_dir / "pki" / "ca.crt"))
+
+    def health():
+        try:
+            urllib.request.urlopen(f"https://127.0.0.1:{port}/healthz", context=context, timeout=2)
+        except urllib.error.HTTPError as error:
+            return json.loads(error.read())
+        except OSError:
+            return None
+    try:
+        answer = wait_for(lambda: (h := health()) and h.get("reason") != "HSMUnavailable" and h,
+                          what="the signer to report the token state")
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+    assert answer["reason"] == "PinIncorrect"
+    assert wrong_pin not in json.dumps(answer) and wrong_pin not in log.read_text()
+    for path in (cluster.state_dir / "logs").glob("*.log"):
+        assert real_pin not in path.read_text(errors="replace"), f"the PIN leaked into {path.name}"
