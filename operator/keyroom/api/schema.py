@@ -122,11 +122,3 @@ def obj(description: str, properties: dict[str, Schema] | None = None, *, requir
         schema["required"] = required
     return _finish(schema, description, rules, default)
 
-
-def strip_descriptions(schema: Any) -> Any:
-    """The schema without descriptions (for comparing shapes in tests)."""
-    if isinstance(schema, dict):
-        return {k: strip_descriptions(v) for k, v in schema.items() if k != "description"}
-    if isinstance(schema, list):
-        return [strip_descriptions(v) for v in schema]
-    return schema
