@@ -282,3 +282,12 @@ def test_a_wrong_pin_is_reported_without_the_pin(cluster, tmp_path):
     assert wrong_pin not in json.dumps(answer) and wrong_pin not in log.read_text()
     for path in (cluster.state_dir / "logs").glob("*.log"):
         assert real_pin not in path.read_text(errors="replace"), f"the PIN leaked into {path.name}"
+
+
+def test_the_operator_reports_token_objects_no_key_declares(cluster):
+    stray = KeyRef(namespace="team-a", name="stray", uid="00000000-0000-4000-8000-00000000beef", version=1)
+    _signer_call(cluster, lambda c: c.generate(stray, algorithm="ECDSA_P256"))
+    log = cluster.state_dir / "logs" / "operator.log"
+    wait_for(lambda: "keyroom:team-a/stray:v1" in log.read_text() and "declared by no SigningKey" in log.read_text(),
+             timeout=30, what="the operator to report the stray object")
+    assert _signer_call(cluster, lambda c: c.public_key(stray))["publicKey"]  # reported, not destroyed

@@ -40,3 +40,9 @@ async def patch_status(*, plural: str, namespace: str, name: str, status: dict) 
         _api().patch_namespaced_custom_object_status, GROUP, VERSION, namespace, plural, name,
         {"status": status},
     )
+
+
+async def list_all(*, plural: str) -> list[dict[str, Any]]:
+    """Every object of a keyroom kind in all namespaces."""
+    response = await asyncio.to_thread(_api().list_cluster_custom_object, GROUP, VERSION, plural)
+    return response["items"]

@@ -416,7 +416,7 @@ def start_operator(environment: Environment, *, supervisor: _Supervisor | None =
     if supervisor is None:
         state = _read_state(environment.state_dir)
         supervisor = _Supervisor(environment.state_dir, state)
-    env = dict(os.environ, KUBECONFIG=str(environment.kubeconfig("operator")))
+    env = dict(os.environ, KUBECONFIG=str(environment.kubeconfig("operator")), KEYROOM_TOKEN_AUDIT_SECONDS="5")
     if environment.signer_url:
         namespace, service_account = fixtures.SERVICE_ACCOUNTS["operator"]
         token_file = environment.state_dir / "operator-signer-token"
