@@ -8,7 +8,6 @@ as a safety net. No finalizer and no bookkeeping annotation is needed.
 """
 from __future__ import annotations
 
-import asyncio
 from typing import Any, Mapping
 
 import kopf
@@ -26,8 +25,10 @@ def keys_by_namespace(namespace: str, name: str, labels: Mapping[str, str], **_:
 
 
 @kopf.index(GROUP, VERSION, "signingpolicies")
-def policies_by_namespace(namespace: str, name: str, spec: Mapping, **_: Any) -> dict:
-    return {namespace: name}
+def policies_by_namespace(namespace: str, body: kopf.Body, **_: Any) -> dict:
+    """The namespace's policies as last seen, so a key event needs no API read to re-check them."""
+    return {namespace: {"apiVersion": body["apiVersion"], "kind": body["kind"], "metadata": dict(body["metadata"]), "spec": dict(body.get("spec") or {}),
+                        "status": dict(body.get("status") or {})}}
 
 
 def desired_status(*, spec: Mapping, generation: int, status: Mapping,
@@ -78,15 +79,10 @@ async def policy_resync(body: kopf.Body, spec: Mapping, status: Mapping, meta: M
 async def key_changed(namespace: str, policies_by_namespace: kopf.Index, keys_by_namespace: kopf.Index,
                       **_: Any) -> None:
     keys = list(keys_by_namespace.get(namespace, []))
-    names = sorted(set(policies_by_namespace.get(namespace, [])))
-    if not names:
-        return
-    policies = await asyncio.gather(*(kube.get(plural="signingpolicies", namespace=namespace, name=name)
-                                      for name in names))
-    for body in policies:
-        if body is None or body["metadata"].get("deletionTimestamp"):
+    for body in list(policies_by_namespace.get(namespace, [])):
+        if body["metadata"].get("deletionTimestamp"):
             continue
-        await _reconcile(body=body, spec=body.get("spec", {}), status=body.get("status", {}),
+        await _reconcile(body=body, spec=body["spec"], status=body["status"],
                          generation=body["metadata"]["generation"], namespace=namespace, keys=keys)
 
 
