@@ -25,7 +25,7 @@ import time
 import pathlib
 
 from keyroom.devenv import controlplane
-from keyroom.signer.client import KeyRef, SignerClient
+from keyroom.signer.client import SIGNER_AUDIENCE, KeyRef, SignerClient
 
 
 def _percentile(samples: list[float], fraction: float) -> float:
@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
 def _operator_token(environment: controlplane.Environment) -> pathlib.Path:
     path = environment.state_dir / "bench-operator-token"
     path.write_text(controlplane.request_token(environment, namespace="keyroom-system",
-                                               service_account="keyroom-operator", audience="keyroom-signer"))
+                                               service_account="keyroom-operator", audience=SIGNER_AUDIENCE))
     return path
 
 

@@ -20,7 +20,6 @@ a deleted SigningKey, set ``spec.deletionPolicy: Retain``.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import datetime
 from typing import Any, Mapping
 
@@ -198,21 +197,15 @@ def status_patch(current: Mapping, desired: Mapping) -> dict | None:
 
 # ---------------------------------------------------------------- the daemon
 
-@dataclasses.dataclass
-class _Context:
-    namespace: str
-    name: str
-    uid: str
-
-    def ref(self, version: int) -> KeyRef:
-        return KeyRef(namespace=self.namespace, name=self.name, uid=self.uid, version=version)
+def key_ref(meta: Mapping, version: int) -> KeyRef:
+    """The signer's name for one version of this SigningKey (tied to its UID)."""
+    return KeyRef(namespace=meta["namespace"], name=meta["name"], uid=meta["uid"], version=version)
 
 
 async def reconcile(*, body: Mapping, signer: SignerClient | None, at: datetime.datetime,
                     logger: Any) -> datetime.datetime | None:
     """One pass over one SigningKey; returns when the next pass is due by the clock."""
     meta, spec, status = body["metadata"], body["spec"], body.get("status") or {}
-    key = _Context(namespace=meta["namespace"], name=meta["name"], uid=meta["uid"])
     versions = [dict(v) for v in status.get("versions") or []]
     rotation_request = None
     error: SignerError | None = None
@@ -227,7 +220,7 @@ async def reconcile(*, body: Mapping, signer: SignerClient | None, at: datetime.
             why = "Generated"
         if why:
             number = max((v["version"] for v in versions), default=0) + 1
-            generated = await signer.generate(key.ref(number), algorithm=spec["algorithm"])
+            generated = await signer.generate(key_ref(meta, number), algorithm=spec["algorithm"])
             for version in versions:
                 if version["state"] == "Enabled":
                     version["state"] = "Disabled"
@@ -239,19 +232,19 @@ async def reconcile(*, body: Mapping, signer: SignerClient | None, at: datetime.
                       message=f"version {number} generated in the HSM ({generated['fingerprint']})")
         versions = schedule_destruction(versions, spec=spec, at=at, everything=bool(status.get("consumedBy")))
         for version in due_for_destruction(versions, at):
-            await signer.destroy(key.ref(version["version"]))
+            await signer.destroy(key_ref(meta, version["version"]))
             version.update(state="Destroyed", destroyedAt=schedule.format_time(at))
             version.pop("destroyAt", None)
             kopf.info(body, reason="VersionDestroyed", message=f"version {version['version']} destroyed in the HSM")
     except SignerError as failure:
         error = failure
-        logger.warning(f"signing key {key.namespace}/{key.name}: {failure} ({failure.reason})")
+        logger.warning(f"signing key {meta['namespace']}/{meta['name']}: {failure} ({failure.reason})")
 
     desired = desired_status(spec=spec, status=status, versions=versions, generation=meta["generation"], at=at,
                              error=error, rotation_request=rotation_request)
     patch = status_patch(status, desired)
     if patch:
-        await kube.patch_status(plural="signingkeys", namespace=key.namespace, name=key.name, status=patch)
+        await kube.patch_status(plural="signingkeys", namespace=meta["namespace"], name=meta["name"], status=patch)
         if error is not None and status.get("message") != desired.get("message"):
             kopf.warn(body, reason=error.reason, message=str(error))
         elif status.get("online") != desired.get("online") and "online" in status:
@@ -305,22 +298,21 @@ async def delete_signing_key(body: kopf.Body, spec: Mapping, status: Mapping, me
     seconds (reads only), so that setting ``deletionPolicy: Retain`` cancels at
     once; Kopf's own retry delays would not notice the change until they expire.
     """
-    key = _Context(namespace=meta["namespace"], name=meta["name"], uid=meta["uid"])
     versions = schedule_destruction([dict(v) for v in status.get("versions") or []], spec=spec, at=now(),
                                     everything=True)
     pending = [v for v in versions if v["state"] == "PendingDestruction"]
     if spec.get("deletionPolicy") != "Retain" and pending:
         when = min(schedule.parse_time(v["destroyAt"]) for v in pending)
         if versions != status.get("versions"):
-            await kube.patch_status(plural="signingkeys", namespace=key.namespace, name=key.name,
+            await kube.patch_status(plural="signingkeys", namespace=meta["namespace"], name=meta["name"],
                                     status={"versions": versions, "phase": "Offline", "online": False})
             kopf.warn(body, reason="DestructionScheduled",
                       message=f"key material will be destroyed at {schedule.format_time(when)}; "
                               "set spec.deletionPolicy: Retain to cancel")
         while now() < when:
             await asyncio.sleep(min(_DELETION_POLL_SECONDS, (when - now()).total_seconds()))
-            current = await kube.get(plural="signingkeys", namespace=key.namespace, name=key.name)
-            if current is None or current["metadata"]["uid"] != key.uid:
+            current = await kube.get(plural="signingkeys", namespace=meta["namespace"], name=meta["name"])
+            if current is None or current["metadata"]["uid"] != meta["uid"]:
                 return
             spec = current["spec"]
             if spec.get("deletionPolicy") == "Retain":
@@ -333,7 +325,7 @@ async def delete_signing_key(body: kopf.Body, spec: Mapping, status: Mapping, me
         raise kopf.TemporaryError("the operator has no signer to destroy the key material with", delay=60)
     try:
         for version in pending:
-            await signer.destroy(key.ref(version["version"]))
+            await signer.destroy(key_ref(meta, version["version"]))
     except SignerError as error:
         raise kopf.TemporaryError(f"cannot destroy the key material yet: {error} ({error.reason})", delay=30)
     kopf.info(body, reason="KeyDestroyed", message=f"{len(pending)} version(s) destroyed in the HSM")

@@ -34,6 +34,7 @@ import yaml
 
 from keyroom.devenv import binaries as binaries_module
 from keyroom.devenv import fixtures, pki
+from keyroom.signer.client import SIGNER_AUDIENCE
 
 STATE_FILE = "state.json"
 _START_TIMEOUT = 60.0
@@ -421,7 +422,7 @@ def start_operator(environment: Environment, *, supervisor: _Supervisor | None =
         namespace, service_account = fixtures.SERVICE_ACCOUNTS["operator"]
         token_file = environment.state_dir / "operator-signer-token"
         pki.write_secret(token_file, request_token(environment, namespace=namespace, service_account=service_account,
-                                                   audience="keyroom-signer").encode())
+                                                   audience=SIGNER_AUDIENCE).encode())
         env.update(KEYROOM_SIGNER_URL=environment.signer_url, KEYROOM_SIGNER_TOKEN_FILE=str(token_file),
                    KEYROOM_SIGNER_CA_FILE=str(environment.state_dir / "pki" / "ca.crt"))
     process = supervisor.spawn("operator", [sys.executable, "-m", "keyroom.operator", "--verbose"], env=env)

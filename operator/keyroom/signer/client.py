@@ -14,6 +14,9 @@ from typing import Any
 
 import aiohttp
 
+#: The audience of the ServiceAccount tokens the signer accepts.
+SIGNER_AUDIENCE = "keyroom-signer"
+
 
 class SignerError(Exception):
     """A refused or failed signer call; ``reason`` is the signer's CamelCase code."""

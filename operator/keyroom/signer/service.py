@@ -33,10 +33,11 @@ from aiohttp import web
 from cryptography.hazmat.primitives import serialization
 
 from keyroom.signer import hsm
+from keyroom.signer.client import SIGNER_AUDIENCE
 
 logger = logging.getLogger("keyroom.signer")
 
-DEFAULT_AUDIENCE = "keyroom-signer"
+DEFAULT_AUDIENCE = SIGNER_AUDIENCE
 DEFAULT_CALLER = "system:serviceaccount:keyroom-system:keyroom-operator"
 _RETRY_OPEN_SECONDS = 10.0
 _AUTH_CACHE_SECONDS = 60.0
