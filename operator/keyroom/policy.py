@@ -6,7 +6,14 @@ objects they read, so both decide the same way, and the tests need no cluster.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 from typing import Iterable, Mapping
+
+from keyroom import schedule
+
+#: How long a request waits when no policy says (the SigningPolicy default).
+DEFAULT_REQUEST_TTL = "24h"
+RATE_WINDOW = datetime.timedelta(hours=1)
 
 
 def _requirement_holds(labels: Mapping[str, str], requirement: Mapping) -> bool:
@@ -148,4 +155,169 @@ def request_problems(policy_spec: Mapping, request_spec: Mapping, *, namespace: 
     limit = policy_spec.get("maxDigestsPerRequest", 500)
     if len(request_spec.get("digests") or []) > limit:
         problems.append(f"{len(request_spec['digests'])} digests exceed the policy's maxDigestsPerRequest of {limit}")
+    hourly = policy_spec.get("maxSignaturesPerHour", 1000)
+    if len(request_spec.get("digests") or []) > hourly:
+        problems.append(f"{len(request_spec['digests'])} digests exceed the policy's maxSignaturesPerHour of {hourly}")
     return problems
+
+
+# ---------------------------------------------------------------- is the key online
+
+def key_availability(spec: Mapping, at: datetime.datetime) -> schedule.Availability:
+    """The key's windows at ``at``; a key whose windows cannot be read stays offline (fail closed)."""
+    if schedule.validate_windows(spec.get("offline")):
+        return schedule.Availability(online=False, until=None, next_open=None)
+    return schedule.availability(spec.get("offline"), at)
+
+
+def current_version(versions: list[dict]) -> dict | None:
+    """The one Enabled version of a key, which is the one that signs."""
+    return next((v for v in versions if v["state"] == "Enabled"), None)
+
+
+# ---------------------------------------------------------------- one request, all its policies
+
+@dataclasses.dataclass(frozen=True)
+class Signature:
+    """Signatures made at one moment with one key (for rate limits)."""
+
+    at: datetime.datetime
+    key: str
+    count: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Decision:
+    """What a SignRequest's state should be now, by its key, its policies and the clock.
+
+    ``phase`` is Pending, Approved (everything holds: sign now), Denied,
+    Expired or Failed. ``approved`` says whether the approvals satisfy every
+    policy, also while the request waits for its key (Pending, KeyOffline).
+    """
+
+    phase: str
+    reason: str
+    message: str
+    approved: bool = False
+    summary: str = ""
+    #: the approvals as counted: user, decision, counted, reason
+    approvals: tuple[dict, ...] = ()
+    expires_at: datetime.datetime | None = None
+    #: when the clock alone may change the decision (a window opens, the request expires)
+    wake_at: datetime.datetime | None = None
+    key_version: int | None = None
+    policies: tuple[str, ...] = ()
+
+
+def request_ttl(policies: list[Mapping]) -> datetime.timedelta:
+    """The shortest requestTTL of the policies (they must all hold)."""
+    return min((schedule.parse_duration((p.get("spec") or {}).get("requestTTL", DEFAULT_REQUEST_TTL))
+                for p in policies), default=schedule.parse_duration(DEFAULT_REQUEST_TTL))
+
+
+def _who(policy_spec: Mapping) -> str:
+    approvers = policy_spec.get("approvers") or {}
+    names = list(approvers.get("groups") or []) + list(approvers.get("users") or [])
+    return " or ".join(names) if names else "nobody (the policy names no approvers)"
+
+
+def _rate_wait(limit: int, wanted: int, recent: list[Signature], at: datetime.datetime) -> datetime.datetime | None:
+    """When enough signatures have aged out of the hour for ``wanted`` more, or None if they fit now."""
+    window = sorted((s for s in recent if s.at > at - RATE_WINDOW), key=lambda s: s.at)
+    used = sum(s.count for s in window)
+    if used + wanted <= limit:
+        return None
+    for signature in window:  # oldest first: each one that ages out frees its count
+        used -= signature.count
+        if used + wanted <= limit:
+            return signature.at + RATE_WINDOW
+    return at + RATE_WINDOW
+
+
+def decide(request: Mapping, *, key: Mapping | None, policies: list[Mapping], at: datetime.datetime,
+           recent: list[Signature] = (), key_labels: Mapping[str, Mapping[str, str]] | None = None) -> Decision:
+    """The state a non-final SignRequest should be in (pure; the operator and the signer both call it).
+
+    ``key`` is the SigningKey the request names (None when it does not exist);
+    ``policies`` are all SigningPolicies of the request's namespace; ``recent``
+    the signatures made in the namespace (for ``maxSignaturesPerHour``), and
+    ``key_labels`` the labels of the namespace's keys, to know which of those
+    signatures a policy counts.
+    """
+    meta, spec = request["metadata"], request["spec"]
+    namespace, key_name = meta["namespace"], spec["keyRef"]["name"]
+    created = schedule.parse_time(meta["creationTimestamp"])
+    labels = ((key or {}).get("metadata") or {}).get("labels") or {}
+    governing = [p for p in policies
+                 if policy_selects(p.get("spec") or {}, key_name=key_name, key_labels=labels)]
+    governing.sort(key=lambda p: p["metadata"]["name"])
+    names = tuple(p["metadata"]["name"] for p in governing)
+    expires_at = created + request_ttl(governing)
+    requester = Identity.of_requester(spec["requester"])
+
+    tallies = [(p, count_approvals(p["spec"], requester=requester, approvals=spec.get("approvals") or []))
+               for p in governing]
+    counted: dict[str, dict] = {}
+    for entry in spec.get("approvals") or []:
+        reasons = [why for _, tally in tallies for user, why in tally.ignored if user == entry["user"]]
+        counted[entry["user"]] = {"user": entry["user"], "decision": entry["decision"], "counted": not reasons,
+                                  **({"reason": reasons[0]} if reasons else {})}
+    # the policy that still needs the most approvals speaks for the request
+    strictest = max(tallies, key=lambda pt: (pt[1].missing, pt[1].required), default=None)
+    summary = (f"{len(strictest[1].approved_by)}/{strictest[1].required}" if strictest else "")
+    approved = bool(tallies) and all(t.approved for _, t in tallies)
+    base = dict(approved=approved, summary=summary, approvals=tuple(counted.values()), expires_at=expires_at,
+                policies=names)
+
+    def pending(reason: str, message: str, wake: datetime.datetime | None = None) -> Decision:
+        return Decision("Pending", reason, message, wake_at=min(filter(None, [wake, expires_at])), **base)
+
+    denials = sorted({user for _, tally in tallies for user in tally.denied_by})
+    if denials:
+        return Decision("Denied", "Denied", f"denied by {', '.join(denials)}", **base)
+    if at >= expires_at:
+        return Decision("Expired", "Expired", f"not signed within the request TTL; it expired at "
+                                              f"{schedule.format_time(expires_at)}", **base)
+    if key is None:
+        return pending("KeyNotFound", f"SigningKey {key_name} does not exist in namespace {namespace}; "
+                                      f"the request waits for it until {schedule.format_time(expires_at)}")
+    if not governing:
+        return pending("NoPolicy", f"no SigningPolicy selects key {key_name}, so it cannot sign (fail closed); "
+                                   "ask a platform admin for a policy")
+    problems = [f"{p['metadata']['name']}: {problem}" for p in governing
+                for problem in request_problems(p["spec"], spec, namespace=namespace)]
+    if problems:
+        return Decision("Failed", "NotAllowed", "; ".join(problems), **base)
+    key_spec, key_status = key.get("spec") or {}, key.get("status") or {}
+    consumed = key_status.get("consumedBy")
+    if consumed and consumed != meta["name"]:
+        return Decision("Failed", "KeyConsumed", f"one-time key {key_name} already signed {consumed} and is retired",
+                        **base)
+    if key_status.get("phase") == "Destroyed":
+        return Decision("Failed", "KeyDestroyed", f"every version of key {key_name} was destroyed", **base)
+    if not approved:
+        missing = [(t.missing, p) for p, t in tallies if not t.approved]
+        need, policy_ = max(missing, key=lambda mp: mp[0])
+        return pending("AwaitingApproval", f"needs {need} more approval{'s' if need != 1 else ''} from "
+                                           f"{_who(policy_['spec'])} (policy {policy_['metadata']['name']})")
+    version = current_version(key_status.get("versions") or [])
+    if version is None or key_status.get("phase") == "Pending":
+        return pending("KeyNotReady", f"key {key_name} has no enabled version yet")
+    availability = key_availability(key_spec, at)
+    if not availability.online:
+        if availability.next_open is None:
+            return pending("KeyOffline", f"approved; key {key_name} is offline with no signing window ahead")
+        return pending("KeyOffline", f"approved; key {key_name} is offline until "
+                                     f"{schedule.format_time(availability.next_open)}, the request waits for "
+                                     "the window", availability.next_open)
+    wanted = len(spec["digests"])
+    for policy_ in governing:
+        limit = policy_["spec"].get("maxSignaturesPerHour", 1000)
+        counts = [s for s in recent if policy_selects(policy_["spec"], key_name=s.key,
+                                                      key_labels=(key_labels or {}).get(s.key, labels))]
+        wait = _rate_wait(limit, wanted, counts, at)
+        if wait is not None:
+            return pending("RateLimited", f"policy {policy_['metadata']['name']} allows {limit} signatures per "
+                                          f"hour; this request fits again at {schedule.format_time(wait)}", wait)
+    return Decision("Approved", "Approved", f"approved; signing with {key_name} version {version['version']}",
+                    key_version=version["version"], **base)

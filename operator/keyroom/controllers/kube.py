@@ -35,11 +35,25 @@ async def get(*, plural: str, namespace: str, name: str) -> dict[str, Any] | Non
     return await asyncio.to_thread(call)
 
 
-async def patch_status(*, plural: str, namespace: str, name: str, status: dict) -> None:
-    await asyncio.to_thread(
+async def patch_status(*, plural: str, namespace: str, name: str, status: dict) -> dict[str, Any]:
+    """Merge-patch the status subresource; returns the object as written."""
+    return await asyncio.to_thread(
         _api().patch_namespaced_custom_object_status, GROUP, VERSION, namespace, plural, name,
         {"status": status},
     )
+
+
+async def delete(*, plural: str, namespace: str, name: str, uid: str) -> None:
+    """Delete exactly this object (a re-created one of the same name has another UID); gone is fine."""
+    def call():
+        try:
+            _api().delete_namespaced_custom_object(
+                GROUP, VERSION, namespace, plural, name,
+                body=kubernetes.client.V1DeleteOptions(preconditions=kubernetes.client.V1Preconditions(uid=uid)))
+        except kubernetes.client.ApiException as error:
+            if error.status not in (404, 409):
+                raise
+    await asyncio.to_thread(call)
 
 
 async def list_all(*, plural: str) -> list[dict[str, Any]]:

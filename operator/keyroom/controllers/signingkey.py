@@ -26,6 +26,7 @@ from typing import Any, Mapping
 import kopf
 
 from keyroom import conditions, schedule
+from keyroom.policy import current_version, key_availability
 from keyroom.api.common import GROUP, VERSION
 from keyroom.controllers import kube
 from keyroom.signer.client import KeyRef, SignerClient, SignerError
@@ -42,17 +43,6 @@ def now() -> datetime.datetime:
 
 
 # ---------------------------------------------------------------- pure steps
-
-def key_availability(spec: Mapping, at: datetime.datetime) -> schedule.Availability:
-    """The key's windows at ``at``; a key whose windows cannot be read stays offline (fail closed)."""
-    if schedule.validate_windows(spec.get("offline")):
-        return schedule.Availability(online=False, until=None, next_open=None)
-    return schedule.availability(spec.get("offline"), at)
-
-
-def current_version(versions: list[dict]) -> dict | None:
-    return next((v for v in versions if v["state"] == "Enabled"), None)
-
 
 def rotation_due(spec: Mapping, annotations: Mapping, status: Mapping, versions: list[dict],
                  at: datetime.datetime) -> str | None:

@@ -327,26 +327,43 @@ def _start_signer(environment: Environment, supervisor: _Supervisor, ca: pki.Cer
     hsm_dir = state_dir / "hsm"
     hsm_dir.mkdir()
     pin, so_pin = secrets.token_hex(8), secrets.token_hex(8)
-    token = softhsm.init_token(hsm_dir, label="keyroom-dev", pin=pin, so_pin=so_pin)
+    softhsm.init_token(hsm_dir, label="keyroom-dev", pin=pin, so_pin=so_pin)
     pki.write_secret(hsm_dir / "pin", pin.encode())
     serving = ca.issue(common_name="keyroom-signer", server_hosts=("127.0.0.1", "localhost"))
     (state_dir / "pki" / "signer.crt").write_bytes(serving.cert_pem)
     pki.write_secret(state_dir / "pki" / "signer.key", serving.key_pem)
-    port = _free_port()
+    url = f"https://127.0.0.1:{_free_port()}"
+    start_signer(dataclasses.replace(environment, signer_url=url), supervisor=supervisor)
+    return url
+
+
+def start_signer(environment: Environment, *, supervisor: _Supervisor | None = None) -> subprocess.Popen:
+    """Run the signer on the environment's token, port and state directory (again, after a stop)."""
+    from keyroom.signer import softhsm
+
+    if supervisor is None:
+        supervisor = _Supervisor(environment.state_dir, _read_state(environment.state_dir))
+    state_dir = environment.state_dir
+    hsm_dir = state_dir / "hsm"
+    token = softhsm.SoftHSMToken(module_path=softhsm.find_module(), config_path=hsm_dir / "softhsm2.conf",
+                                 token_label="keyroom-dev")
+    port = int(environment.signer_url.rsplit(":", 1)[1])
     env = dict(os.environ, **token.env(),
                KUBECONFIG=str(environment.kubeconfig("signer")),
                KEYROOM_PKCS11_MODULE=token.module_path, KEYROOM_TOKEN_LABEL=token.token_label,
                KEYROOM_PIN_FILE=str(hsm_dir / "pin"), KEYROOM_SIGNER_LISTEN=f"127.0.0.1:{port}",
                KEYROOM_SIGNER_TLS_CERT=str(state_dir / "pki" / "signer.crt"),
-               KEYROOM_SIGNER_TLS_KEY=str(state_dir / "pki" / "signer.key"))
+               KEYROOM_SIGNER_TLS_KEY=str(state_dir / "pki" / "signer.key"),
+               KEYROOM_SIGNER_STATE_DIR=str(state_dir / "signer"),
+               KEYROOM_SIGNER_NAMESPACE=fixtures.SERVICE_ACCOUNTS["signer"][0])
     env.pop("KEYROOM_PIN", None)
     process = supervisor.spawn("signer", [sys.executable, "-m", "keyroom.signer"], env=env)
-    url = f"https://127.0.0.1:{port}"
     context = ssl.create_default_context(cafile=str(state_dir / "pki" / "ca.crt"))
     supervisor.wait_until("signer", process,
-                          lambda: urllib.request.urlopen(f"{url}/healthz", context=context, timeout=2).status == 200,
+                          lambda: urllib.request.urlopen(f"{environment.signer_url}/healthz", context=context,
+                                                         timeout=2).status == 200,
                           what="healthy")
-    return url
+    return process
 
 
 @contextlib.contextmanager

@@ -8,6 +8,8 @@ only public keys and signatures come back.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import os
 import ssl
 from typing import Any
@@ -18,18 +20,28 @@ import aiohttp
 SIGNER_AUDIENCE = "keyroom-signer"
 
 
+def digests_fingerprint(spec: dict) -> str:
+    """What the operator and the signer compare: a request's algorithm and every (name, value) of its digests."""
+    document = {"digestAlgorithm": spec.get("digestAlgorithm", "SHA256"),
+                "digests": [[d["name"], d["value"].lower()] for d in spec["digests"]]}
+    return "sha256:" + hashlib.sha256(json.dumps(document, separators=(",", ":")).encode()).hexdigest()
+
+
 class SignerError(Exception):
     """A refused or failed signer call; ``reason`` is the signer's CamelCase code."""
 
-    def __init__(self, reason: str, message: str, *, status: int = 0) -> None:
+    def __init__(self, reason: str, message: str, *, status: int = 0, audit: dict | None = None) -> None:
         super().__init__(message)
         self.reason = reason
         self.status = status
+        #: the signer's audit entry for a refusal
+        self.audit = audit
 
     @property
     def transient(self) -> bool:
         """Worth retrying without a change of configuration."""
-        return self.reason in ("SignerUnreachable", "AuthenticationUnavailable", "HSMUnavailable", "DeviceError")
+        return self.reason in ("SignerUnreachable", "AuthenticationUnavailable", "HSMUnavailable", "DeviceError",
+                               "ApiServerUnavailable", "AuditLogUnavailable")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,7 +97,8 @@ class SignerClient:
                     reason = payload.get("reason", f"HTTP{response.status}")
                     if response.status in (401, 403):
                         reason = "SignerUnauthenticated" if response.status == 401 else "SignerForbidden"
-                    raise SignerError(reason, payload.get("message", response.reason or ""), status=response.status)
+                    raise SignerError(reason, payload.get("message", response.reason or ""), status=response.status,
+                                      audit=payload.get("audit"))
                 return payload
         except (aiohttp.ClientError, TimeoutError, OSError) as error:
             raise SignerError("SignerUnreachable", f"cannot reach the signer at {self.url}: {error}") from None
@@ -106,6 +119,14 @@ class SignerClient:
                    rsa_padding: str = "pkcs1v15") -> list[str]:
         body = {"digestAlgorithm": digest_algorithm, "digests": digests, "rsaPadding": rsa_padding}
         return (await self._call("POST", key.path + "/sign", body))["signatures"]
+
+    async def sign_request(self, *, namespace: str, name: str, uid: str, digests: str) -> dict[str, Any]:
+        """Have the signer check and sign a SignRequest; ``digests`` is the fingerprint of what the caller saw.
+
+        The answer has keyVersion, signedAt, signatures [{name, value}] and
+        audit {index, entryHash}; calling again returns the same answer.
+        """
+        return await self._call("POST", f"/v1/requests/{namespace}/{name}/{uid}/sign", {"digests": digests})
 
     async def close(self) -> None:
         if self._session is not None:

@@ -23,6 +23,7 @@ import dataclasses
 import hashlib
 import logging
 import os
+import pathlib
 import ssl
 import time
 from typing import Any, Awaitable, Callable
@@ -32,7 +33,7 @@ import prometheus_client
 from aiohttp import web
 from cryptography.hazmat.primitives import serialization
 
-from keyroom.signer import hsm
+from keyroom.signer import hsm, requests
 from keyroom.signer.client import SIGNER_AUDIENCE
 
 logger = logging.getLogger("keyroom.signer")
@@ -61,6 +62,10 @@ class SignerConfig:
     tls_key: str | None = None
     audience: str = DEFAULT_AUDIENCE
     allowed_callers: tuple[str, ...] = (DEFAULT_CALLER,)
+    #: where the audit log and the stored signatures live (a persistent volume in a cluster)
+    state_dir: str = "/var/lib/keyroom"
+    #: the namespace of the audit checkpoint ConfigMap
+    namespace: str = "keyroom-system"
 
     @classmethod
     def from_environment(cls, environ: dict[str, str] | None = None) -> "SignerConfig":
@@ -87,6 +92,8 @@ class SignerConfig:
             tls_key=env.get("KEYROOM_SIGNER_TLS_KEY"),
             audience=env.get("KEYROOM_SIGNER_AUDIENCE", DEFAULT_AUDIENCE),
             allowed_callers=tuple(env.get("KEYROOM_SIGNER_ALLOWED_CALLERS", DEFAULT_CALLER).split(",")),
+            state_dir=env.get("KEYROOM_SIGNER_STATE_DIR", "/var/lib/keyroom"),
+            namespace=env.get("KEYROOM_SIGNER_NAMESPACE", "keyroom-system"),
         )
 
 
@@ -163,6 +170,10 @@ class Signer:
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=config.sessions,
                                                                thread_name_prefix="pkcs11")
         self._opener: asyncio.Task | None = None
+        self._background: list[asyncio.Task] = []
+        self.requests = requests.RequestSigner(state_dir=pathlib.Path(config.state_dir),
+                                               reader=requests.ClusterReader(namespace=config.namespace),
+                                               in_token=self._in_token)
 
     # -------------------------------------------------------------- the token
 
@@ -241,6 +252,8 @@ class Signer:
                              version=int(info["version"]))
 
     async def health(self, request: web.Request) -> web.Response:
+        if self.token is not None and self.requests.error is not None:
+            return _error(503, "AuditLogUnavailable", self.requests.error)
         if self.token is not None:
             return web.json_response({"status": "ok", "token": self.config.token_label})
         error = self.token_error
@@ -302,6 +315,24 @@ class Signer:
             return web.json_response({"signatures": [base64.b64encode(s).decode() for s in signatures]})
         return await self._run("sign", call)
 
+    async def sign_request(self, request: web.Request) -> web.Response:
+        """Sign a SignRequest after checking it against the API server: {"digests": "sha256:..."}."""
+        async def call():
+            info = request.match_info
+            body = await request.json()
+            try:
+                result = await self.requests.sign(namespace=info["namespace"], name=info["name"], uid=info["uid"],
+                                                  fingerprint=body["digests"])
+            except requests.Refused as refusal:
+                self.metrics.requests.labels("sign_request", refusal.reason).inc()
+                entry = refusal.entry
+                return web.json_response({"reason": refusal.reason, "message": str(refusal), **(
+                    {"audit": {"index": entry["index"], "entryHash": entry["hash"]}} if entry else {})},
+                    status=refusal.status)
+            self.metrics.signatures.inc(len(result["signatures"]))
+            return web.json_response(result)
+        return await self._run("sign_request", call)
+
     def application(self) -> web.Application:
         app = web.Application(middlewares=[self._authenticate], client_max_size=4 * 1024 * 1024)
         key = "/v1/keys/{namespace}/{name}/{uid}/{version:[0-9]+}"
@@ -313,6 +344,7 @@ class Signer:
             web.get(key, self.public_key),
             web.delete(key, self.destroy),
             web.post(key + "/sign", self.sign),
+            web.post("/v1/requests/{namespace}/{name}/{uid}/sign", self.sign_request),
         ])
         app.on_startup.append(self._on_startup)
         app.on_cleanup.append(self._on_cleanup)
@@ -320,10 +352,15 @@ class Signer:
 
     async def _on_startup(self, app: web.Application) -> None:
         self._opener = asyncio.create_task(self._keep_token_open())
+        self._background = [asyncio.create_task(self.requests.open()),
+                            asyncio.create_task(self.requests.keep_checkpoint())]
 
     async def _on_cleanup(self, app: web.Application) -> None:
-        if self._opener:
-            self._opener.cancel()
+        for task in [self._opener, *self._background]:
+            if task:
+                task.cancel()
+        if self.requests.log is not None:
+            self.requests.log.close()
         if self.token is not None:
             await asyncio.get_running_loop().run_in_executor(self._executor, self.token.close)
         self._executor.shutdown(wait=False)

@@ -1,0 +1,390 @@
+"""The SignRequest reconciler: from a request to its signatures, once the policies are satisfied.
+
+A request's state follows from its spec (the digests, the authentic
+approvals), its SigningKey, the namespace's SigningPolicies and the clock;
+``keyroom.policy.decide`` computes it and this module acts on it:
+
+- Pending while it waits (AwaitingApproval, KeyOffline, RateLimited,
+  KeyNotReady, KeyNotFound, NoPolicy), with a message that says what comes next;
+- Signing while the signer works; the signer re-checks everything itself and
+  signs each request at most once, so a retry after any crash is safe;
+- Signed, Denied, Expired or Failed, which are final: a final request is never
+  changed again, only removed once ``ttlAfterFinished`` has passed.
+
+Everything is level-based. The reconciler runs on the request's own events, on
+events of its key and of the namespace's policies (a window opening, a policy
+changing), and at the one moment the clock alone changes the answer (expiry,
+a window edge, a rate limit freeing up, removal after the TTL). It keeps
+the requests it has seen in memory, so deciding costs no API read, and writes
+the status only when it changes. It uses no finalizer and no Kopf
+bookkeeping annotations: a request costs its creation, the Signing and the
+Signed status writes, and one event.
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import datetime
+import logging
+import os
+from typing import Any, Mapping
+
+import kopf
+import kubernetes
+
+from keyroom import conditions, policy, schedule
+from keyroom.api.common import GROUP, VERSION
+from keyroom.api.signrequest import TERMINAL_PHASES
+from keyroom.controllers import kube
+from keyroom.signer.client import SignerClient, SignerError, digests_fingerprint
+
+logger = logging.getLogger("keyroom.signrequest")
+
+#: how long a finished request is kept unless its annotation says otherwise
+TTL_ANNOTATION = f"{GROUP}/ttl-after-finished"
+DEFAULT_TTL_AFTER_FINISHED = "7d"
+_MAX_BACKOFF = 60.0
+#: signer refusals that mean "not yet" rather than "never": the views of operator and signer differed briefly
+_WAIT_REASONS = {"KeyOffline", "RateLimited", "KeyNotReady", "AwaitingApproval", "KeyNotFound", "NoPolicy"}
+
+
+def now() -> datetime.datetime:
+    return datetime.datetime.now(datetime.timezone.utc)
+
+
+# ---------------------------------------------------------------- pure status
+
+_CONDITIONS_BY_PHASE = {
+    # phase: (Approved, Denied, Signed, Ready, Reconciling, Stalled)
+    "Pending": (None, False, False, False, False, False),
+    "Approved": (True, False, False, False, True, False),
+    "Signing": (True, False, False, False, True, False),
+    "Signed": (True, False, True, True, False, False),
+    "Denied": (False, True, False, False, False, True),
+    "Expired": (None, False, False, False, False, True),
+    "Failed": (None, False, False, False, False, True),
+}
+
+
+def desired_status(*, decision: policy.Decision, phase: str, status: Mapping, generation: int,
+                   at: datetime.datetime, reason: str | None = None, message: str | None = None) -> dict:
+    """The request's status for a decision shown as ``phase`` (a reason/message may override the decision's)."""
+    reason, message = reason or decision.reason, message or decision.message
+    stamp = schedule.format_time(at)
+    seen = {a["user"]: a.get("observedAt") for a in status.get("approvals") or []}
+    approved, denied, signed, ready, reconciling, stalled = _CONDITIONS_BY_PHASE[phase]
+    approved = decision.approved if approved is None else approved
+    approved_reason = "Approved" if approved else ("Denied" if phase == "Denied" else reason)
+    approvers = [a["user"] for a in decision.approvals if a["counted"] and a["decision"] == "Approve"]
+    approved_message = (f"approved by {', '.join(approvers)}" if approvers else "approved: no approval required")
+    result: dict[str, Any] = {
+        "observedGeneration": generation,
+        "phase": phase,
+        "message": message,
+        "approvalSummary": decision.summary or None,
+        "approvals": [{**a, "observedAt": seen.get(a["user"]) or stamp} for a in decision.approvals] or None,
+        "expiresAt": schedule.format_time(decision.expires_at) if decision.expires_at else None,
+        "conditions": conditions.merge(status.get("conditions"), [
+            conditions.condition("Approved", approved, approved_reason, approved_message if approved else message,
+                                 generation=generation),
+            conditions.condition("Denied", denied, "Denied" if denied else "NotDenied",
+                                 message if denied else "", generation=generation),
+            conditions.condition("Signed", signed, "Signed" if signed else reason, message if signed else "",
+                                 generation=generation),
+            conditions.condition("Ready", ready, reason, message, generation=generation),
+            conditions.condition("Reconciling", reconciling, reason, message, generation=generation),
+            conditions.condition("Stalled", stalled, reason, message, generation=generation),
+        ], now=stamp),
+    }
+    if phase in TERMINAL_PHASES:
+        result["finishedAt"] = status.get("finishedAt") or stamp
+    return {k: v for k, v in result.items() if v is not None}
+
+
+def status_patch(current: Mapping, desired: Mapping) -> dict | None:
+    patch = {k: v for k, v in desired.items() if current.get(k) != v}
+    return patch or None
+
+
+def recent_signatures(requests: list[Mapping], at: datetime.datetime) -> list[policy.Signature]:
+    """Signatures the namespace's requests made within the rate-limit window."""
+    found = []
+    for request in requests:
+        status = request.get("status") or {}
+        if status.get("phase") == "Signed" and status.get("signedAt"):
+            signed_at = schedule.parse_time(status["signedAt"])
+            if signed_at > at - policy.RATE_WINDOW:
+                found.append(policy.Signature(signed_at, request["spec"]["keyRef"]["name"],
+                                              len(request["spec"]["digests"])))
+    return found
+
+
+def removal_due(body: Mapping, *, default_ttl: str) -> datetime.datetime | None:
+    """When a finished request is removed; None while it is not finished."""
+    status = body.get("status") or {}
+    if status.get("phase") not in TERMINAL_PHASES or not status.get("finishedAt"):
+        return None
+    ttl = (body["metadata"].get("annotations") or {}).get(TTL_ANNOTATION) or default_ttl
+    try:
+        delay = schedule.parse_duration(ttl)
+    except ValueError:
+        delay = schedule.parse_duration(default_ttl)
+    return schedule.parse_time(status["finishedAt"]) + delay
+
+
+# ---------------------------------------------------------------- the requests the operator knows
+
+def _revision(body: Mapping) -> int:
+    try:
+        return int(body["metadata"].get("resourceVersion") or 0)
+    except ValueError:  # resourceVersions are opaque; etcd's are integers
+        return 0
+
+
+@dataclasses.dataclass
+class Requests:
+    """The SignRequests as last seen (from events or our own writes), with a lock and a timer each."""
+
+    ttl_after_finished: str = DEFAULT_TTL_AFTER_FINISHED
+    bodies: dict[tuple[str, str], dict] = dataclasses.field(default_factory=dict)
+    locks: dict[tuple[str, str], asyncio.Lock] = dataclasses.field(default_factory=dict)
+    timers: dict[tuple[str, str], asyncio.TimerHandle] = dataclasses.field(default_factory=dict)
+    backoff: dict[tuple[str, str], float] = dataclasses.field(default_factory=dict)
+    tasks: set[asyncio.Task] = dataclasses.field(default_factory=set)
+
+    def remember(self, body: Mapping) -> None:
+        key = (body["metadata"]["namespace"], body["metadata"]["name"])
+        known = self.bodies.get(key)
+        if (known is None or known["metadata"]["uid"] != body["metadata"]["uid"]
+                or _revision(body) >= _revision(known)):
+            self.bodies[key] = {"apiVersion": body.get("apiVersion"), "kind": body.get("kind"),
+                                "metadata": dict(body["metadata"]), "spec": dict(body["spec"]),
+                                "status": dict(body.get("status") or {})}
+
+    def forget(self, namespace: str, name: str) -> None:
+        key = (namespace, name)
+        self.bodies.pop(key, None)
+        self.backoff.pop(key, None)
+        timer = self.timers.pop(key, None)
+        if timer:
+            timer.cancel()
+
+    def in_namespace(self, namespace: str) -> list[dict]:
+        return [body for (ns, _), body in self.bodies.items() if ns == namespace]
+
+    def wake_at(self, namespace: str, name: str, when: datetime.datetime | None, run) -> None:
+        """Run ``run(namespace, name)`` at ``when`` (replacing an earlier timer of the request)."""
+        key = (namespace, name)
+        timer = self.timers.pop(key, None)
+        if timer:
+            timer.cancel()
+        if when is None:
+            return
+        loop = asyncio.get_running_loop()
+        delay = max(0.0, (when - now()).total_seconds()) + 0.05  # past the edge, not just before it
+        self.timers[key] = loop.call_later(delay, self.spawn, run, namespace, name)
+
+    def spawn(self, run, namespace: str, name: str) -> None:
+        self.timers.pop((namespace, name), None)
+        task = asyncio.create_task(run(namespace, name))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+
+@kopf.on.startup()
+def setup_requests(memo: kopf.Memo, **_: Any) -> None:
+    memo.signrequests = Requests(
+        ttl_after_finished=os.environ.get("KEYROOM_TTL_AFTER_FINISHED", DEFAULT_TTL_AFTER_FINISHED))
+
+
+@kopf.index(GROUP, VERSION, "signingkeys")
+def signing_keys(namespace: str, name: str, body: kopf.Body, **_: Any) -> dict:
+    """Each SigningKey as last seen: its labels, spec and status are all a decision needs of it."""
+    return {(namespace, name): {"metadata": {"name": name, "namespace": namespace, "uid": body["metadata"]["uid"],
+                                             "labels": dict(body["metadata"].get("labels") or {})},
+                                "spec": dict(body.get("spec") or {}), "status": dict(body.get("status") or {})}}
+
+
+# ---------------------------------------------------------------- reconcile one request
+
+class Reconciler:
+    """Decides and acts for one request at a time (per-request lock); shared by all the triggers."""
+
+    def __init__(self, *, requests: Requests, signer: SignerClient | None, keys: kopf.Index,
+                 policies: kopf.Index, key_labels: kopf.Index) -> None:
+        self.requests, self.signer = requests, signer
+        self.keys, self.policies, self.key_labels = keys, policies, key_labels
+
+    async def __call__(self, namespace: str, name: str) -> None:
+        lock = self.requests.locks.setdefault((namespace, name), asyncio.Lock())
+        async with lock:
+            try:
+                await self._reconcile(namespace, name)
+            except kubernetes.client.ApiException as error:
+                if error.status == 404:
+                    return  # deleted meanwhile
+                logger.warning("signrequest %s/%s: API error %s; retrying", namespace, name, error.status)
+                self._retry(namespace, name)
+            except Exception:
+                logger.exception("signrequest %s/%s: unexpected error; retrying", namespace, name)
+                self._retry(namespace, name)
+            finally:
+                if not lock._waiters:  # noqa: SLF001
+                    self.requests.locks.pop((namespace, name), None)
+
+    def _retry(self, namespace: str, name: str) -> None:
+        delay = self.requests.backoff.get((namespace, name), 1.0)
+        self.requests.backoff[(namespace, name)] = min(delay * 2, _MAX_BACKOFF)
+        self.requests.wake_at(namespace, name, now() + datetime.timedelta(seconds=delay), self)
+
+    async def _write(self, body: dict, patch: dict | None) -> dict:
+        if not patch:
+            return body
+        meta = body["metadata"]
+        written = await kube.patch_status(plural="signrequests", namespace=meta["namespace"], name=meta["name"],
+                                          status=patch)
+        self.requests.remember(written)
+        return self.requests.bodies[(meta["namespace"], meta["name"])]
+
+    def _decide(self, body: Mapping, at: datetime.datetime) -> policy.Decision:
+        namespace = body["metadata"]["namespace"]
+        key = next(iter(self.keys.get((namespace, body["spec"]["keyRef"]["name"]), [])), None)
+        policies = list(self.policies.get(namespace, []))
+        labels = dict(self.key_labels.get(namespace, []))
+        return policy.decide(body, key=key, policies=policies, at=at, key_labels=labels,
+                             recent=recent_signatures(self.requests.in_namespace(namespace), at))
+
+    async def _reconcile(self, namespace: str, name: str) -> None:
+        body = self.requests.bodies.get((namespace, name))
+        if body is None or body["metadata"].get("deletionTimestamp"):
+            return
+        status, generation, at = body["status"], body["metadata"].get("generation", 1), now()
+        if status.get("phase") in TERMINAL_PHASES:
+            await self._finished(body, at)
+            return
+        decision = self._decide(body, at)
+        if decision.phase != "Approved":
+            await self._settle(body, decision, at)
+            return
+        if self.signer is None:
+            await self._write(body, status_patch(status, desired_status(
+                decision=decision, phase="Approved", status=status, generation=generation, at=at,
+                reason="SignerNotConfigured", message="approved; the operator has no signer (KEYROOM_SIGNER_URL)")))
+            return
+        if status.get("phase") != "Signing":
+            body = await self._write(body, status_patch(status, desired_status(
+                decision=decision, phase="Signing", status=status, generation=generation, at=at)))
+        await self._sign(body, decision)
+
+    async def _settle(self, body: dict, decision: policy.Decision, at: datetime.datetime) -> None:
+        """Show a decision that is not 'sign now'; wake up when the clock may change it."""
+        meta, status = body["metadata"], body["status"]
+        before = status.get("phase"), status.get("conditions") and conditions.find(status["conditions"], "Ready")
+        desired = desired_status(decision=decision, phase=decision.phase, status=status,
+                                 generation=meta.get("generation", 1), at=at)
+        body = await self._write(body, status_patch(status, desired))
+        if decision.phase in TERMINAL_PHASES:
+            kopf.warn(body, reason=decision.reason, message=decision.message)
+            await self._finished(body, at)
+            return
+        if before[0] is None or (before[1] or {}).get("reason") != decision.reason:
+            kopf.info(body, reason=decision.reason, message=decision.message)
+        self.requests.wake_at(meta["namespace"], meta["name"], decision.wake_at, self)
+
+    async def _sign(self, body: dict, decision: policy.Decision) -> None:
+        meta, spec = body["metadata"], body["spec"]
+        namespace, name = meta["namespace"], meta["name"]
+        try:
+            result = await self.signer.sign_request(namespace=namespace, name=name, uid=meta["uid"],
+                                                    digests=digests_fingerprint(spec))
+        except SignerError as error:
+            at, status = now(), body["status"]
+            if error.transient or error.reason in _WAIT_REASONS:
+                phase = "Approved" if error.transient else "Pending"
+                await self._write(body, status_patch(status, desired_status(
+                    decision=decision, phase=phase, status=status, generation=meta.get("generation", 1), at=at,
+                    reason=error.reason, message=f"{'approved; ' if error.transient else ''}{error}")))
+                logger.info("signrequest %s/%s: the signer said %s: %s; retrying", namespace, name, error.reason,
+                            error)
+                self._retry(namespace, name)
+                return
+            desired = desired_status(decision=decision, phase="Failed", status=status,
+                                     generation=meta.get("generation", 1), at=at, reason=error.reason,
+                                     message=f"the signer refused: {error}")
+            if error.audit:
+                desired["audit"] = error.audit
+            body = await self._write(body, status_patch(status, desired))
+            kopf.warn(body, reason=error.reason, message=f"the signer refused: {error}")
+            await self._finished(body, at)
+            return
+        self.requests.backoff.pop((namespace, name), None)
+        at, status = now(), body["status"]
+        desired = desired_status(decision=decision, phase="Signed", status=status,
+                                 generation=meta.get("generation", 1), at=at, reason="Signed",
+                                 message=f"{len(result['signatures'])} signature(s) by {spec['keyRef']['name']} "
+                                         f"version {result['keyVersion']}")
+        desired.update(keyVersion=result["keyVersion"], signatures=result["signatures"],
+                       signedAt=result["signedAt"], audit=result["audit"])
+        body = await self._write(body, status_patch(status, desired))
+        kopf.info(body, reason="Signed", message=f"{desired['message']}; audit entry {result['audit']['index']}")
+        key = next(iter(self.keys.get((namespace, spec["keyRef"]["name"]), [])), None)
+        if key is not None and key["spec"].get("usage") == "OneTime" and not key["status"].get("consumedBy"):
+            await kube.patch_status(plural="signingkeys", namespace=namespace, name=spec["keyRef"]["name"],
+                                    status={"consumedBy": name})
+        await self._finished(body, at)
+
+    async def _finished(self, body: dict, at: datetime.datetime) -> None:
+        """Remove a final request once its TTL has passed, or wake up then."""
+        meta = body["metadata"]
+        due = removal_due(body, default_ttl=self.requests.ttl_after_finished)
+        if due is None:
+            return
+        if due > at:
+            self.requests.wake_at(meta["namespace"], meta["name"], due, self)
+            return
+        await kube.delete(plural="signrequests", namespace=meta["namespace"], name=meta["name"], uid=meta["uid"])
+        logger.info("removed finished signrequest %s/%s", meta["namespace"], meta["name"])
+
+
+def _reconciler(memo: kopf.Memo, signing_keys: kopf.Index, policies_by_namespace: kopf.Index,
+                keys_by_namespace: kopf.Index) -> Reconciler:
+    return Reconciler(requests=memo.signrequests, signer=memo.get("signer"), keys=signing_keys,
+                      policies=policies_by_namespace, key_labels=keys_by_namespace)
+
+
+# ---------------------------------------------------------------- triggers
+
+@kopf.on.event(GROUP, VERSION, "signrequests")
+async def request_changed(event: Mapping, body: kopf.Body, namespace: str, name: str, memo: kopf.Memo,
+                          signing_keys: kopf.Index, policies_by_namespace: kopf.Index,
+                          keys_by_namespace: kopf.Index, **_: Any) -> None:
+    if event["type"] == "DELETED":
+        memo.signrequests.forget(namespace, name)
+        return
+    memo.signrequests.remember(body)
+    await _reconciler(memo, signing_keys, policies_by_namespace, keys_by_namespace)(namespace, name)
+
+
+def _pending(memo: kopf.Memo, namespace: str, key: str | None = None) -> list[str]:
+    return [body["metadata"]["name"] for body in memo.signrequests.in_namespace(namespace)
+            if body["status"].get("phase") not in TERMINAL_PHASES
+            and (key is None or body["spec"]["keyRef"]["name"] == key)]
+
+
+@kopf.on.event(GROUP, VERSION, "signingkeys")
+async def key_changed_for_requests(namespace: str, name: str, memo: kopf.Memo, signing_keys: kopf.Index,
+                             policies_by_namespace: kopf.Index, keys_by_namespace: kopf.Index, **_: Any) -> None:
+    """A key came online, got a version, was consumed: its waiting requests decide again."""
+    reconcile = _reconciler(memo, signing_keys, policies_by_namespace, keys_by_namespace)
+    for request in _pending(memo, namespace, name):
+        memo.signrequests.spawn(reconcile, namespace, request)
+
+
+@kopf.on.event(GROUP, VERSION, "signingpolicies")
+async def policy_changed_for_requests(namespace: str, memo: kopf.Memo, signing_keys: kopf.Index,
+                                policies_by_namespace: kopf.Index, keys_by_namespace: kopf.Index,
+                                **_: Any) -> None:
+    """A policy changed: every waiting request of the namespace decides again."""
+    reconcile = _reconciler(memo, signing_keys, policies_by_namespace, keys_by_namespace)
+    for request in _pending(memo, namespace):
+        memo.signrequests.spawn(reconcile, namespace, request)
