@@ -258,7 +258,7 @@ def test_a_wrong_pin_is_reported_without_the_pin(cluster, tmp_path):
                KEYROOM_PIN_FILE=str(tmp_path / "pin"), KEYROOM_SIGNER_LISTEN=f"127.0.0.1:{port}",
                KEYROOM_SIGNER_TLS_CERT=str(cluster.state_dir / "pki" / "signer.crt"),
                KEYROOM_SIGNER_TLS_KEY=str(cluster.state_dir / "pki" / "signer.key"),
-               KUBECONFIG=str(cluster.kubeconfig("signer")))
+               KEYROOM_SIGNER_STATE_DIR=str(tmp_path / "state"), KUBECONFIG=str(cluster.kubeconfig("signer")))
     log = tmp_path / "signer.log"
     with open(log, "wb") as output:
         process = subprocess.Popen([sys.executable, "-m", "keyroom.signer"], env=env, stdout=output,

@@ -107,12 +107,12 @@ def status_patch(current: Mapping, desired: Mapping) -> dict | None:
 
 
 def recent_signatures(requests: list[Mapping], at: datetime.datetime) -> list[policy.Signature]:
-    """Signatures the namespace's requests made within the rate-limit window."""
+    """Signatures the namespace's requests made (or are making) within the rate-limit window."""
     found = []
     for request in requests:
         status = request.get("status") or {}
-        if status.get("phase") == "Signed" and status.get("signedAt"):
-            signed_at = schedule.parse_time(status["signedAt"])
+        if status.get("phase") == "Signing" or (status.get("phase") == "Signed" and status.get("signedAt")):
+            signed_at = schedule.parse_time(status["signedAt"]) if status.get("signedAt") else at
             if signed_at > at - policy.RATE_WINDOW:
                 found.append(policy.Signature(signed_at, request["spec"]["keyRef"]["name"],
                                               len(request["spec"]["digests"])))

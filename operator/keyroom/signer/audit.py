@@ -18,7 +18,6 @@ checks a log offline.
 from __future__ import annotations
 
 import argparse
-import collections
 import dataclasses
 import datetime
 import hashlib
@@ -126,8 +125,9 @@ class AuditLog:
         self.requests: dict[str, RequestRecord] = {}
         #: one-time keys by key UID -> the request UID that consumed them
         self.consumed: dict[str, str] = {}
-        #: recent signatures: (time, namespace, key name, count), oldest first
-        self.recent: collections.deque[tuple[datetime.datetime, str, str, int]] = collections.deque()
+        #: signatures of the last hour by intent index: (time, namespace, key name, count), oldest first.
+        #: An intent counts from the moment it is written, so concurrent requests cannot overrun a rate limit.
+        self.recent: dict[int, tuple[datetime.datetime, str, str, int]] = {}
         hashes = {}
         if self.path.exists():
             for entry in read_entries(self.path):
@@ -147,15 +147,16 @@ class AuditLog:
         event = entry["event"]
         if event == "Intent":
             record.intent = entry
+            self.recent[entry["index"]] = (datetime.datetime.fromisoformat(entry["time"]),
+                                           entry["request"]["namespace"], entry["key"]["name"], len(entry["digests"]))
         elif event == "Signed":
             record.signed = entry
             key = entry["key"]
             if key.get("usage") == "OneTime":
                 self.consumed.setdefault(key["uid"], uid)
-            self.recent.append((datetime.datetime.fromisoformat(entry["time"]), entry["request"]["namespace"],
-                                key["name"], len(entry["signatures"])))
         elif event == "Abandoned":
             record.abandoned.append(entry["intent"])
+            self.recent.pop(entry["intent"], None)
 
     def append(self, event: str, **fields: Any) -> dict:
         """Write one entry and fsync it before returning."""
@@ -170,9 +171,10 @@ class AuditLog:
         return entry
 
     def recent_signatures(self, namespace: str, *, since: datetime.datetime) -> list[tuple[datetime.datetime, str, int]]:
-        while self.recent and self.recent[0][0] < since - datetime.timedelta(hours=1):
-            self.recent.popleft()  # nobody asks further back than an hour
-        return [(at, key, count) for at, ns, key, count in self.recent if ns == namespace and at >= since]
+        """Signatures made or being made in ``namespace`` since ``since`` (at most an hour back)."""
+        for index in [i for i, (at, *_) in self.recent.items() if at < since - datetime.timedelta(hours=1)]:
+            del self.recent[index]
+        return [(at, key, count) for at, ns, key, count in self.recent.values() if ns == namespace and at >= since]
 
     # ------------------------------------------------------------ the signatures beside the log
 

@@ -95,7 +95,7 @@ class SignerClient:
                 if response.status >= 400:
                     payload = payload or {}
                     reason = payload.get("reason", f"HTTP{response.status}")
-                    if response.status in (401, 403):
+                    if reason in ("Unauthenticated", "Forbidden") or response.status == 401:
                         reason = "SignerUnauthenticated" if response.status == 401 else "SignerForbidden"
                     raise SignerError(reason, payload.get("message", response.reason or ""), status=response.status,
                                       audit=payload.get("audit"))
