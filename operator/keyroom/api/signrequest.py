@@ -102,7 +102,7 @@ KIND = Kind(
         "signatures": array("One signature per digest.", obj("A signature.", {
             "name": string("The digest's name.", max_length=253),
             "value": string("The signature, base64.", max_length=65536),
-        }, required=["name", "value"]), max_items=MAX_DIGESTS_PER_REQUEST, list_type="map", map_keys=["name"]),
+        }, required=["name", "value"]), max_items=MAX_DIGESTS_PER_REQUEST, list_type="atomic"),
         "signedAt": timestamp("When the signatures were made."),
         "expiresAt": timestamp("When a pending request expires."),
         "finishedAt": timestamp("When the request reached its final phase."),

@@ -271,10 +271,12 @@ class Reconciler:
                 decision=decision, phase="Approved", status=status, generation=generation, at=at,
                 reason="SignerNotConfigured", message="approved; the operator has no signer (KEYROOM_SIGNER_URL)")))
             return
+        signing = None
         if status.get("phase") != "Signing":
-            body = await self._write(body, status_patch(status, desired_status(
-                decision=decision, phase="Signing", status=status, generation=generation, at=at)))
-        await self._sign(body, decision)
+            # Show Signing while the signer works, without waiting for that write before asking it.
+            signing = asyncio.create_task(self._write(body, status_patch(status, desired_status(
+                decision=decision, phase="Signing", status=status, generation=generation, at=at))))
+        await self._sign(body, decision, signing)
 
     async def _settle(self, body: dict, decision: policy.Decision, at: datetime.datetime) -> None:
         """Show a decision that is not 'sign now'; wake up when the clock may change it."""
@@ -291,13 +293,19 @@ class Reconciler:
             kopf.info(body, reason=decision.reason, message=decision.message)
         self.requests.wake_at(meta["namespace"], meta["name"], decision.wake_at, self)
 
-    async def _sign(self, body: dict, decision: policy.Decision) -> None:
+    async def _sign(self, body: dict, decision: policy.Decision, signing: asyncio.Task | None) -> None:
         meta, spec = body["metadata"], body["spec"]
         namespace, name = meta["namespace"], meta["name"]
+        call = self.signer.sign_request(namespace=namespace, name=name, uid=meta["uid"],
+                                        digests=digests_fingerprint(spec))
         try:
-            result = await self.signer.sign_request(namespace=namespace, name=name, uid=meta["uid"],
-                                                    digests=digests_fingerprint(spec))
+            if signing is None:
+                result = await call
+            else:
+                body, result = await asyncio.gather(signing, call)
         except SignerError as error:
+            if signing is not None:
+                body = await signing
             at, status = now(), body["status"]
             if error.transient or error.reason in _WAIT_REASONS:
                 phase = "Approved" if error.transient else "Pending"
