@@ -13,7 +13,7 @@ help:
 	@echo "make test       unit and integration tests against a real kube-apiserver and etcd"
 	@echo "make unit       unit tests only (no cluster)"
 	@echo "make crds       regenerate crds/ from operator/keyroom/api"
-	@echo "make bench      measure the signer against raw python-pkcs11 (figures as ratios)"
+	@echo "make bench      measure the signer and SignRequests end to end (figures as ratios to raw python-pkcs11)"
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -c 'import sys; sys.exit("keyroom needs Python >= 3.11") if sys.version_info < (3, 11) else None'
@@ -62,3 +62,4 @@ clean:
 
 bench: venv binaries
 	$(PY) bench/signer.py
+	$(PY) bench/signrequest.py

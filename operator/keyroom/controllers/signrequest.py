@@ -193,8 +193,9 @@ class Requests:
 
 @kopf.on.startup()
 def setup_requests(memo: kopf.Memo, **_: Any) -> None:
-    memo.signrequests = Requests(
-        ttl_after_finished=os.environ.get("KEYROOM_TTL_AFTER_FINISHED", DEFAULT_TTL_AFTER_FINISHED))
+    ttl = os.environ.get("KEYROOM_TTL_AFTER_FINISHED", DEFAULT_TTL_AFTER_FINISHED)
+    schedule.parse_duration(ttl)  # refuse to start on a bad setting rather than fail at the first removal
+    memo.signrequests = Requests(ttl_after_finished=ttl)
 
 
 @kopf.index(GROUP, VERSION, "signingkeys")
@@ -263,7 +264,10 @@ class Reconciler:
             await self._finished(body, at)
             return
         decision = self._decide(body, at)
-        if decision.phase != "Approved":
+        # A request the signer may already have signed is always settled by asking the signer: it returns
+        # the signatures it made, or refuses with the reason it sees now (a Deny appended meanwhile...).
+        resuming = status.get("phase") in ("Signing", "Approved")
+        if decision.phase != "Approved" and not resuming:
             await self._settle(body, decision, at)
             return
         if self.signer is None:
@@ -272,7 +276,7 @@ class Reconciler:
                 reason="SignerNotConfigured", message="approved; the operator has no signer (KEYROOM_SIGNER_URL)")))
             return
         signing = None
-        if status.get("phase") != "Signing":
+        if status.get("phase") != "Signing" and decision.phase == "Approved":
             # Show Signing while the signer works, without waiting for that write before asking it.
             signing = asyncio.create_task(self._write(body, status_patch(status, desired_status(
                 decision=decision, phase="Signing", status=status, generation=generation, at=at))))
@@ -316,7 +320,8 @@ class Reconciler:
                             error)
                 self._retry(namespace, name)
                 return
-            desired = desired_status(decision=decision, phase="Failed", status=status,
+            phase = error.reason if error.reason in ("Denied", "Expired") else "Failed"
+            desired = desired_status(decision=decision, phase=phase, status=status,
                                      generation=meta.get("generation", 1), at=at, reason=error.reason,
                                      message=f"the signer refused: {error}")
             if error.audit:
