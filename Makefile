@@ -45,6 +45,7 @@ dev: venv binaries
 	$(KUBECTL) --kubeconfig $(STATE_DIR)/kubeconfig apply -f examples/team-a/
 	$(KUBECTL) --kubeconfig $(STATE_DIR)/kubeconfig-alice apply -f examples/requests/
 	$(KUBECTL) --kubeconfig $(STATE_DIR)/kubeconfig-alice -n team-a wait --for=condition=Ready signingpolicy/release --timeout=60s
+	$(KUBECTL) --kubeconfig $(STATE_DIR)/kubeconfig-alice -n team-a wait --for=condition=Ready signrequest/nightly-2026-11-26 --timeout=60s
 	$(KUBECTL) --kubeconfig $(STATE_DIR)/kubeconfig-alice -n team-a get keyroom
 	@echo
 	@echo "keyroom runs in $(STATE_DIR)/ (logs in $(STATE_DIR)/logs). Be alice, or bob the approver:"

@@ -177,7 +177,8 @@ def test_two_approvals_from_distinct_approvers_sign_and_openssl_verifies(cluster
     assert kubectl(cluster, "wait", "--for=condition=Ready", f"signrequest/{name}", "-n", NAMESPACE,
                    "--timeout=5s").returncode == 0
     events = kubectl(cluster, "get", "events", "-n", NAMESPACE, f"--field-selector=involvedObject.name={name}")
-    assert "Signed" in events.stdout
+    for reason in ("AwaitingApproval", "ApprovalIgnored", "ApproveCounted", "Signed"):
+        assert reason in events.stdout, events.stdout
 
 
 def test_one_deny_from_an_approver_denies_for_good(cluster, unique):

@@ -289,6 +289,14 @@ class Reconciler:
         desired = desired_status(decision=decision, phase=decision.phase, status=status,
                                  generation=meta.get("generation", 1), at=at)
         body = await self._write(body, status_patch(status, desired))
+        seen = {a["user"] for a in status.get("approvals") or []}
+        for entry in decision.approvals:
+            if entry["user"] not in seen:
+                if entry["counted"]:
+                    kopf.info(body, reason=f"{entry['decision']}Counted",
+                              message=f"{entry['user']}: {entry['decision']} counts ({decision.summary})")
+                else:
+                    kopf.warn(body, reason="ApprovalIgnored", message=f"{entry['user']}: {entry['reason']}")
         if decision.phase in TERMINAL_PHASES:
             kopf.warn(body, reason=decision.reason, message=decision.message)
             await self._finished(body, at)
