@@ -1,0 +1,72 @@
+"""A SignRequest's status for each decision: conditions, summary, finished time, removal and rate counts."""
+from __future__ import annotations
+
+import datetime
+
+import pytest
+
+from keyroom import conditions, policy
+from keyroom.controllers.signrequest import desired_status, recent_signatures, removal_due, status_patch
+
+AT = datetime.datetime(2026, 11, 26, 12, 0, tzinfo=datetime.timezone.utc)
+APPROVALS = ({"user": "bob", "decision": "Approve", "counted": True},
+             {"user": "alice", "decision": "Approve", "counted": False, "reason": "a requester cannot approve"})
+
+
+def decision(phase="Pending", reason="AwaitingApproval", approved=False):
+    return policy.Decision(phase, reason, f"{reason} message", approved=approved, summary="1/2",
+                           approvals=APPROVALS, expires_at=AT + datetime.timedelta(hours=1))
+
+
+def status_of(phase, **kwargs):
+    approved = phase in ("Approved", "Signing", "Signed")
+    return desired_status(decision=decision(phase if phase in ("Pending", "Denied", "Expired", "Failed") else "Approved",
+                                            approved=approved, **kwargs),
+                          phase=phase, status={}, generation=3, at=AT)
+
+
+@pytest.mark.parametrize("phase", ["Pending", "Approved", "Signing", "Signed", "Denied", "Expired", "Failed"])
+def test_approved_and_denied_are_never_both_true_and_ready_means_signed(phase):
+    status = status_of(phase)
+    true = {c["type"] for c in status["conditions"] if c["status"] == "True"}
+    assert not {"Approved", "Denied"} <= true
+    assert ("Ready" in true) == (phase == "Signed") == ("Signed" in true)
+    assert ("Stalled" in true) == (phase in ("Denied", "Expired", "Failed"))
+    assert all(c["observedGeneration"] == 3 for c in status["conditions"])
+    assert ("finishedAt" in status) == (phase in ("Signed", "Denied", "Expired", "Failed"))
+    assert status["phase"] == phase and status["approvalSummary"] == "1/2"
+
+
+def test_waiting_shows_the_reason_and_the_approvals_as_counted():
+    status = status_of("Pending")
+    ready = conditions.find(status["conditions"], "Ready")
+    assert (ready["reason"], ready["message"]) == ("AwaitingApproval", "AwaitingApproval message")
+    assert status["message"] == "AwaitingApproval message"
+    assert [(a["user"], a["counted"]) for a in status["approvals"]] == [("bob", True), ("alice", False)]
+    assert status["expiresAt"] == "2026-11-26T13:00:00Z"
+
+
+def test_an_unchanged_decision_writes_nothing():
+    first = status_of("Pending")
+    later = desired_status(decision=decision(), phase="Pending", status=first, generation=3,
+                           at=AT + datetime.timedelta(minutes=5))
+    assert status_patch(first, later) is None  # observedAt and lastTransitionTime are kept
+
+
+def test_finished_requests_are_removed_after_the_ttl_or_their_annotation():
+    body = {"metadata": {}, "status": {"phase": "Signed", "finishedAt": "2026-11-26T12:00:00Z"}}
+    assert removal_due(body, default_ttl="7d") == AT + datetime.timedelta(days=7)
+    body["metadata"]["annotations"] = {"keyroom.dev/ttl-after-finished": "10m"}
+    assert removal_due(body, default_ttl="7d") == AT + datetime.timedelta(minutes=10)
+    body["metadata"]["annotations"] = {"keyroom.dev/ttl-after-finished": "soon"}
+    assert removal_due(body, default_ttl="7d") == AT + datetime.timedelta(days=7)
+    assert removal_due({"metadata": {}, "status": {"phase": "Pending"}}, default_ttl="7d") is None
+
+
+def test_rate_counts_come_from_signed_and_signing_requests_of_the_last_hour():
+    def req(phase, signed_at=None, digests=2, key="k"):
+        return {"spec": {"keyRef": {"name": key}, "digests": [{}] * digests},
+                "status": {"phase": phase, **({"signedAt": signed_at} if signed_at else {})}}
+    found = recent_signatures([req("Signed", "2026-11-26T11:30:00Z"), req("Signed", "2026-11-26T10:59:00Z"),
+                               req("Signing", digests=5), req("Pending"), req("Failed")], AT)
+    assert sorted((s.count, s.at) for s in found) == [(2, AT - datetime.timedelta(minutes=30)), (5, AT)]
