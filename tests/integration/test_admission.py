@@ -156,3 +156,19 @@ def test_two_approvers_append_in_turn(cluster, approved_by_bob):
 def test_metadata_updates_pass_the_policy(cluster, created):
     result = kubectl(cluster, "label", "signrequest", created, "-n", NAMESPACE, "release=1.4.2")
     assert result.returncode == 0, result.stderr
+
+
+def test_the_operator_identity_may_write_metadata_but_never_spec(cluster, unique):
+    """A compromised operator cannot relax a policy to get a pending request signed."""
+    name = unique("guarded")
+    policy = {"apiVersion": "keyroom.dev/v1alpha1", "kind": "SigningPolicy",
+              "metadata": {"name": name, "namespace": NAMESPACE},
+              "spec": {"keys": ["release-key"], "requesters": {"groups": ["team-a-devs"]},
+                       "approvers": {"groups": ["team-a-approvers"]}, "requiredApprovals": 2}}
+    assert apply(cluster, policy).returncode == 0
+    relaxed = kubectl(cluster, "patch", "signingpolicy", name, "-n", NAMESPACE, "--type=merge",
+                      "-p", '{"spec": {"requiredApprovals": 0}}', identity="operator")
+    assert relaxed.returncode != 0 and "may change status and metadata, never spec" in relaxed.stderr
+    labelled = kubectl(cluster, "label", "signingpolicy", name, "-n", NAMESPACE, "checked=yes", identity="operator")
+    assert labelled.returncode == 0, labelled.stderr
+    assert get(cluster, "signingpolicy", name, namespace=NAMESPACE)["spec"]["requiredApprovals"] == 2

@@ -1,4 +1,4 @@
-"""The ValidatingAdmissionPolicy that makes SignRequest identities authentic.
+"""The ValidatingAdmissionPolicies that make SignRequest identities authentic and the operator harmless.
 
 The API server, not the operator, checks who asked and who approved, from
 ``request.userInfo`` of the very request that writes the object:
@@ -10,12 +10,20 @@ The API server, not the operator, checks who asked and who approved, from
 So a requester can never forge, remove or self-count an approval, and no
 webhook must be up for anyone to work. The operator then decides whether the
 authentic approvals satisfy the policy.
+
+A second policy keeps the operator's own identity (a ServiceAccount named
+``keyroom-operator``) away from every spec: it needs to write status,
+finalizers and annotations, never what a key, certificate, policy or request
+says. A compromised operator therefore cannot relax a policy to get a pending
+request signed: the signer re-reads the policies, and only admins write them.
 """
 from __future__ import annotations
 
 from keyroom.api.common import GROUP
 
 POLICY_NAME = "keyroom-signrequest-identity"
+OPERATOR_POLICY_NAME = "keyroom-operator-writes-no-spec"
+KINDS = ["signingkeys", "certificates", "signingpolicies", "signrequests"]
 
 
 def _same_set(a: str, b: str) -> str:
@@ -77,10 +85,43 @@ def validating_admission_policy() -> dict:
     }
 
 
-def validating_admission_policy_binding() -> dict:
+def operator_admission_policy() -> dict:
+    """The operator's ServiceAccount may change metadata (finalizers, annotations) and status, never spec."""
+    return {
+        "apiVersion": "admissionregistration.k8s.io/v1",
+        "kind": "ValidatingAdmissionPolicy",
+        "metadata": {"name": OPERATOR_POLICY_NAME, "labels": {"app.kubernetes.io/part-of": "keyroom"}},
+        "spec": {
+            "failurePolicy": "Fail",
+            "matchConstraints": {"resourceRules": [{
+                "apiGroups": [GROUP], "apiVersions": ["*"],
+                "operations": ["CREATE", "UPDATE"], "resources": KINDS,  # not */status: status is its job
+            }]},
+            "matchConditions": [{
+                "name": "the-keyroom-operator",
+                "expression": "request.userInfo.username.startsWith('system:serviceaccount:') && "
+                              "request.userInfo.username.endsWith(':keyroom-operator')",
+            }],
+            "validations": [
+                _check("request.operation == 'UPDATE' && "
+                       "(has(object.spec) == has(oldObject.spec)) && (!has(object.spec) || object.spec == oldObject.spec)",
+                       "'the keyroom operator may change status and metadata, never spec (' + "
+                       "request.userInfo.username + ')'"),
+            ],
+        },
+    }
+
+
+def _binding(policy: str) -> dict:
     return {
         "apiVersion": "admissionregistration.k8s.io/v1",
         "kind": "ValidatingAdmissionPolicyBinding",
-        "metadata": {"name": POLICY_NAME, "labels": {"app.kubernetes.io/part-of": "keyroom"}},
-        "spec": {"policyName": POLICY_NAME, "validationActions": ["Deny"]},
+        "metadata": {"name": policy, "labels": {"app.kubernetes.io/part-of": "keyroom"}},
+        "spec": {"policyName": policy, "validationActions": ["Deny"]},
     }
+
+
+def policies() -> list[dict]:
+    """Both policies with their bindings, in apply order."""
+    return [validating_admission_policy(), _binding(POLICY_NAME),
+            operator_admission_policy(), _binding(OPERATOR_POLICY_NAME)]

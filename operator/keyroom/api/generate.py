@@ -21,8 +21,7 @@ def rendered() -> dict[str, str]:
     files = {}
     for crd in manifests.crds():
         files[f"keyroom.dev_{crd['spec']['names']['plural']}.yaml"] = _dump([crd])
-    files["admission-policy.yaml"] = _dump([admission.validating_admission_policy(),
-                                            admission.validating_admission_policy_binding()])
+    files["admission-policy.yaml"] = _dump(admission.policies())
     files["rbac.yaml"] = _dump(rbac.cluster_roles())
     return files
 

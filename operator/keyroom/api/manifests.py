@@ -13,7 +13,6 @@ def crds() -> list[dict]:
 def all_manifests() -> list[dict]:
     return [
         *crds(),
-        admission.validating_admission_policy(),
-        admission.validating_admission_policy_binding(),
+        *admission.policies(),
         *rbac.cluster_roles(),
     ]
