@@ -228,6 +228,34 @@ def test_a_key_no_policy_selects_cannot_sign(cluster, unique):
     assert _final(cluster, name)["phase"] == "Signed"
 
 
+def test_a_ci_service_account_of_the_namespace_signs_without_a_human(cluster, unique):
+    account = unique("ci")
+    for args in (("create", "serviceaccount", account, "-n", NAMESPACE),
+                 ("create", "rolebinding", account, "-n", NAMESPACE, "--clusterrole=keyroom-requester",
+                  f"--serviceaccount={NAMESPACE}:{account}")):
+        assert kubectl(cluster, *args).returncode == 0
+    username = f"system:serviceaccount:{NAMESPACE}:{account}"
+    controlplane.write_kubeconfig(cluster.kubeconfig(account), server=cluster.server,
+                                  ca_pem=(cluster.state_dir / "pki" / "ca.crt").read_bytes(), user=username,
+                                  token=controlplane.request_token(cluster, namespace=NAMESPACE,
+                                                                   service_account=account))
+    key = _key(cluster, unique)
+    _policy(cluster, unique, key, requesters={"serviceAccounts": [account]})
+    name = unique("sr")
+    document = {"apiVersion": "keyroom.dev/v1alpha1", "kind": "SignRequest",
+                "metadata": {"name": name, "namespace": NAMESPACE},
+                "spec": {"keyRef": {"name": key}, "reason": "nightly",
+                         "requester": {"username": username, "groups": [
+                             "system:serviceaccounts", f"system:serviceaccounts:{NAMESPACE}", "system:authenticated"]},
+                         "digests": [{"name": "build.zip", "value": _digest("build")}]}}
+    created = apply(cluster, document, identity=account)
+    assert created.returncode == 0, created.stderr
+    assert _final(cluster, name)["phase"] == "Signed"
+    # alice, a developer but not named by this policy, is refused
+    refused, _ = _request(cluster, unique, key, {"a": _digest("a")})
+    assert _final(cluster, refused)["phase"] == "Failed"
+
+
 # ---------------------------------------------------------------- keys: windows, one-time, rooms
 
 def test_an_approved_request_waits_for_the_keys_window_then_signs(cluster, unique):
