@@ -55,17 +55,21 @@ class Watcher:
         resource_version = self.api.list_namespaced_custom_object(GROUP, VERSION, NAMESPACE, PLURAL)["metadata"][
             "resourceVersion"]
         while not self._stop:
-            stream = kubernetes.watch.Watch().stream(
-                self.api.list_namespaced_custom_object, GROUP, VERSION, NAMESPACE, PLURAL,
-                resource_version=resource_version, timeout_seconds=30)
-            for event in stream:
-                body = event["object"]
-                name, resource_version = body["metadata"]["name"], body["metadata"]["resourceVersion"]
-                with self.changed:
-                    self.writes[name] = self.writes.get(name, 0) + 1
-                    if (body.get("status") or {}).get("phase") == "Signed" and name not in self.signed:
-                        self.signed[name] = time.perf_counter()
-                    self.changed.notify_all()
+            try:
+                for event in kubernetes.watch.Watch().stream(
+                        self.api.list_namespaced_custom_object, GROUP, VERSION, NAMESPACE, PLURAL,
+                        resource_version=resource_version, timeout_seconds=30):
+                    body = event["object"]
+                    name, resource_version = body["metadata"]["name"], body["metadata"]["resourceVersion"]
+                    with self.changed:
+                        self.writes[name] = self.writes.get(name, 0) + 1
+                        if (body.get("status") or {}).get("phase") == "Signed" and name not in self.signed:
+                            self.signed[name] = time.perf_counter()
+                        self.changed.notify_all()
+            except Exception:
+                if self._stop:
+                    return  # the control plane stops at the end of the run
+                raise
 
     def wait_signed(self, names: list[str], timeout: float) -> None:
         with self.changed:
