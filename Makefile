@@ -52,7 +52,9 @@ dev: venv binaries
 	@echo "  export KUBECONFIG=$(CURDIR)/$(STATE_DIR)/kubeconfig-alice"
 	@echo "  export KUBECONFIG=$(CURDIR)/$(STATE_DIR)/kubeconfig-bob"
 	@echo "  alias kubectl=$(KUBECTL)"
-	@echo "Try: kubectl -n team-a get keyroom; kubectl explain signrequest.spec.digests"
+	@echo "  export PATH=$(CURDIR)/$(VENV)/bin:\$$PATH   # kubectl keyroom ..."
+	@echo "Try: kubectl -n team-a get keyroom; kubectl keyroom status release-1-4-2 -n team-a;"
+	@echo "     as bob: kubectl keyroom approve release-1-4-2 -n team-a (it needs bob and carol, then its window)"
 	@echo "Stop: make dev-down"
 
 dev-down: venv
