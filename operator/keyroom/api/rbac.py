@@ -18,6 +18,7 @@ platform-admin right.
 from __future__ import annotations
 
 from keyroom.api.common import GROUP
+from keyroom.signer.audit import CHECKPOINT_NAME
 
 KINDS = ["signingkeys", "certificates", "signingpolicies", "signrequests"]
 READ = ["get", "list", "watch"]
@@ -61,6 +62,10 @@ def cluster_roles() -> list[dict]:
         _role("keyroom-signer", [
             _keyroom(KINDS, READ),
             {"apiGroups": ["authentication.k8s.io"], "resources": ["tokenreviews"], "verbs": ["create"]},
-            {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get", "create", "update", "patch"]},
-        ], "The keyroom signer: re-reads requests, keys and policies, and authenticates its callers."),
+            # the audit checkpoint: it may create a ConfigMap, but change only its own
+            {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["create"]},
+            {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get", "update", "patch"],
+             "resourceNames": [CHECKPOINT_NAME]},
+        ], "The keyroom signer: re-reads requests, keys and policies, authenticates its callers, and "
+           "checkpoints its audit log."),
     ]

@@ -28,6 +28,8 @@ import sys
 from typing import Any, Iterator
 
 GENESIS = "sha256:" + "0" * 64
+#: the ConfigMap (in the signer's namespace) that holds the checkpointed head
+CHECKPOINT_NAME = "keyroom-audit-checkpoint"
 
 
 class AuditError(Exception):

@@ -38,7 +38,7 @@ from keyroom.signer.client import digests_fingerprint
 
 logger = logging.getLogger("keyroom.signer")
 
-CHECKPOINT_NAME = "keyroom-audit-checkpoint"
+CHECKPOINT_NAME = audit.CHECKPOINT_NAME
 _CHECKPOINT_INTERVAL = 1.0
 
 
