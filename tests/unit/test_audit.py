@@ -94,3 +94,16 @@ def test_the_command_line_verifier_reports_valid_and_invalid_logs(tmp_path, caps
     path.write_bytes(path.read_bytes().replace(b'"sr-1"', b'"sr-X"', 1))
     assert audit.main(["verify", str(path)]) == 1
     assert "INVALID" in capsys.readouterr().err
+
+
+def test_old_results_of_signed_requests_are_pruned_and_others_kept(tmp_path):
+    import os
+    log = audit.AuditLog(tmp_path)
+    intent = log.append("Intent", request=REQUEST, key=KEY, digests=[{"name": "a", "value": "00"}])
+    log.append("Signed", request=REQUEST, key=KEY, intent=intent["index"], signatures=[])
+    log.store_result("u-1", {"signatures": []})
+    log.store_result("u-open", {"signatures": []})  # no Signed entry: never pruned
+    for uid in ("u-1", "u-open"):
+        os.utime(tmp_path / "results" / f"{uid}.json", (0, 0))
+    assert log.prune_results(datetime.timedelta(days=30)) == 1
+    assert log.load_result("u-1") is None and log.load_result("u-open") is not None

@@ -70,3 +70,19 @@ def test_rate_counts_come_from_signed_and_signing_requests_of_the_last_hour():
     found = recent_signatures([req("Signed", "2026-11-26T11:30:00Z"), req("Signed", "2026-11-26T10:59:00Z"),
                                req("Signing", digests=5), req("Pending"), req("Failed")], AT)
     assert sorted((s.count, s.at) for s in found) == [(2, AT - datetime.timedelta(minutes=30)), (5, AT)]
+
+
+def test_the_cache_keeps_little_of_a_final_request_and_never_goes_back_in_time():
+    from keyroom.controllers.signrequest import Requests
+
+    def body(version, phase, **status):
+        return {"metadata": {"namespace": "team-a", "name": "r", "uid": "u1", "resourceVersion": str(version)},
+                "spec": {"keyRef": {"name": "k"}, "digests": [{"name": "a", "value": "ab" * 32}]},
+                "status": {"phase": phase, **status}}
+    cache = Requests()
+    cache.remember(body(5, "Signed", signatures=[{"name": "a", "value": "MEUC"}], signedAt="2026-11-26T12:00:00Z"))
+    kept = cache.bodies[("team-a", "r")]
+    assert kept["spec"]["digests"] == [{"name": "a"}] and "signatures" not in kept["status"]
+    assert recent_signatures([kept], AT)[0].count == 1
+    cache.remember(body(4, "Signing"))  # an older event arriving late changes nothing
+    assert cache.bodies[("team-a", "r")]["status"]["phase"] == "Signed"

@@ -160,9 +160,13 @@ class Requests:
         known = self.bodies.get(key)
         if (known is None or known["metadata"]["uid"] != body["metadata"]["uid"]
                 or _revision(body) >= _revision(known)):
+            spec, status = dict(body["spec"]), dict(body.get("status") or {})
+            if status.get("phase") in TERMINAL_PHASES:
+                # a final request is kept only for rate limits and its removal: drop digest values and signatures
+                spec["digests"] = [{"name": d["name"]} for d in spec["digests"]]
+                status.pop("signatures", None)
             self.bodies[key] = {"apiVersion": body.get("apiVersion"), "kind": body.get("kind"),
-                                "metadata": dict(body["metadata"]), "spec": dict(body["spec"]),
-                                "status": dict(body.get("status") or {})}
+                                "metadata": dict(body["metadata"]), "spec": spec, "status": status}
 
     def forget(self, namespace: str, name: str) -> None:
         key = (namespace, name)

@@ -25,6 +25,7 @@ import json
 import os
 import pathlib
 import sys
+import time
 from typing import Any, Iterator
 
 GENESIS = "sha256:" + "0" * 64
@@ -147,12 +148,12 @@ class AuditLog:
         uid = (entry.get("request") or {}).get("uid")
         record = self.requests.setdefault(uid, RequestRecord()) if uid else None
         event = entry["event"]
-        if event == "Intent":
-            record.intent = entry
+        if event == "Intent":  # the memory keeps only what resolving and answering need, not the digests
+            record.intent = {field: entry[field] for field in ("index", "request", "key")}
             self.recent[entry["index"]] = (datetime.datetime.fromisoformat(entry["time"]),
                                            entry["request"]["namespace"], entry["key"]["name"], len(entry["digests"]))
         elif event == "Signed":
-            record.signed = entry
+            record.signed = {"index": entry["index"], "hash": entry["hash"]}
             key = entry["key"]
             if key.get("usage") == "OneTime":
                 self.consumed.setdefault(key["uid"], uid)
@@ -203,6 +204,21 @@ class AuditLog:
             return json.loads(self._result_path(uid).read_bytes())
         except FileNotFoundError:
             return None
+
+    def prune_results(self, older_than: datetime.timedelta) -> int:
+        """Forget stored signatures of requests signed long ago (their log entries stay); returns how many.
+
+        A retry after that is answered AlreadySigned, never with a new signature.
+        """
+        cutoff = time.time() - older_than.total_seconds()
+        pruned = 0
+        for path in self.results.glob("*.json"):
+            uid = path.stem
+            record = self.requests.get(uid)
+            if record is not None and record.signed is not None and path.stat().st_mtime < cutoff:
+                path.unlink()
+                pruned += 1
+        return pruned
 
 
 def main(argv: list[str] | None = None) -> int:

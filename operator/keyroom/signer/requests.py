@@ -116,8 +116,11 @@ class RequestSigner:
     """Checks, signs and records SignRequests; one per signer process."""
 
     def __init__(self, *, state_dir: pathlib.Path, reader: ClusterReader,
-                 in_token: Callable[[str, Callable[[hsm.Token], Any]], Awaitable[Any]]) -> None:
+                 in_token: Callable[[str, Callable[[hsm.Token], Any]], Awaitable[Any]],
+                 keep_results: datetime.timedelta = datetime.timedelta(days=30)) -> None:
         self.state_dir = state_dir
+        #: how long signatures are kept for retries (well beyond any finished request's TTL)
+        self.keep_results = keep_results
         self.reader = reader
         self._in_token = in_token
         self.log: audit.AuditLog | None = None
@@ -146,6 +149,9 @@ class RequestSigner:
         for uid, record in list(self.log.requests.items()):
             if record.open_intent:
                 self._resolve(uid, record)
+        pruned = self.log.prune_results(self.keep_results)
+        if pruned:
+            logger.info("forgot the stored signatures of %d request(s) signed over %s ago", pruned, self.keep_results)
         self.error = None
         self._head_changed.set()
         logger.info("audit log verified: %s entries", self.log.head.index + 1 if self.log.head else 0)
