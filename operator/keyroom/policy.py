@@ -14,6 +14,8 @@ from keyroom import schedule
 #: How long a request waits when no policy says (the SigningPolicy default).
 DEFAULT_REQUEST_TTL = "24h"
 RATE_WINDOW = datetime.timedelta(hours=1)
+#: the signature formats the signer produces (cms, a CMS SignedData with the key's certificate, comes with Certificates)
+SUPPORTED_FORMATS = ("raw",)
 
 
 def _requirement_holds(labels: Mapping[str, str], requirement: Mapping) -> bool:
@@ -288,6 +290,9 @@ def decide(request: Mapping, *, key: Mapping | None, policies: list[Mapping], at
                 for problem in request_problems(p["spec"], spec, namespace=namespace)]
     if problems:
         return Decision("Failed", "NotAllowed", "; ".join(problems), **base)
+    if spec.get("format", "raw") not in SUPPORTED_FORMATS:
+        return Decision("Failed", "FormatNotSupported", f"format {spec['format']} is not produced yet; "
+                                                        f"ask for {' or '.join(SUPPORTED_FORMATS)}", **base)
     key_spec, key_status = key.get("spec") or {}, key.get("status") or {}
     consumed = key_status.get("consumedBy")
     if consumed and consumed != meta["name"]:

@@ -149,3 +149,8 @@ def test_invariants_of_any_approval_history(history, required, separation):
     later = decide(request(*history, ("bob", "Approve")), policies=[pol(**spec)])
     if decision.phase == "Approved":
         assert later.phase == "Approved"
+
+
+def test_a_format_the_signer_does_not_produce_fails_clearly_instead_of_signing_raw():
+    decision = decide(request(format="cms"), policies=[pol(required=0)])
+    assert decision.phase == "Failed" and decision.reason == "FormatNotSupported" and "ask for raw" in decision.message
