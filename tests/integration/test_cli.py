@@ -1,12 +1,15 @@
 """`kubectl keyroom` against the real control plane, as the fixture users would run it."""
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
 
+import kubernetes
 import pytest
 
+from keyroom.cli import plugin
 from tests.conftest import apply, get, wait_for
 
 pytestmark = pytest.mark.integration
@@ -22,20 +25,24 @@ def keyroom(cluster, identity: str, *args: str, wait: bool = True):
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-@pytest.fixture
-def key(cluster, unique) -> str:
-    name = unique("cli-key")
+def make_key(cluster, name: str, *, requesters: dict, approvers: dict, required: int = 1) -> str:
+    """A SigningKey and a policy for it; returns once the key is Active."""
     assert apply(cluster, {"apiVersion": "keyroom.dev/v1alpha1", "kind": "SigningKey",
                            "metadata": {"name": name, "namespace": NAMESPACE},
                            "spec": {"algorithm": "ECDSA_P256"}}).returncode == 0
     assert apply(cluster, {"apiVersion": "keyroom.dev/v1alpha1", "kind": "SigningPolicy",
                            "metadata": {"name": name, "namespace": NAMESPACE},
-                           "spec": {"keys": [name], "requesters": {"groups": ["team-a-devs"]},
-                                    "approvers": {"groups": ["team-a-approvers"]}, "requiredApprovals": 1}}
-                 ).returncode == 0
+                           "spec": {"keys": [name], "requesters": requesters, "approvers": approvers,
+                                    "requiredApprovals": required}}).returncode == 0
     wait_for(lambda: get(cluster, "signingkey", name, namespace=NAMESPACE).get("status", {}).get("phase") == "Active",
              what=f"{name} to be Active")
     return name
+
+
+@pytest.fixture
+def key(cluster, unique) -> str:
+    return make_key(cluster, unique("cli-key"), requesters={"groups": ["team-a-devs"]},
+                    approvers={"groups": ["team-a-approvers"]})
 
 
 def _created_name(cluster, key: str) -> str:
@@ -55,6 +62,8 @@ def test_sign_waits_for_an_approval_and_writes_signatures_openssl_verifies(clust
     signing = keyroom(cluster, "alice", "sign", *map(str, files), "--key", key, "--reason", "release 2.0",
                       "--timeout", "60", wait=False)
     name = _created_name(cluster, key)
+    wait_for(lambda: "needs 1 more approval" in get(cluster, "sr", name, namespace=NAMESPACE)
+             .get("status", {}).get("message", ""), what=f"{name} to wait for an approval")
 
     approved = keyroom(cluster, "bob", "approve", name, "--reason", "looked at it")
     assert approved.returncode == 0, approved.stderr
@@ -104,3 +113,56 @@ def test_dave_gets_a_clear_error_and_no_request(cluster, key, tmp_path):
     assert "Traceback" not in result.stderr
     missing = keyroom(cluster, "alice", "sign", str(tmp_path / "absent"), "--key", key)
     assert missing.returncode == 1 and "is not a readable file" in missing.stderr
+    unknown = keyroom(cluster, "alice", "status", "no-such-request")
+    assert unknown.returncode == 1 and unknown.stderr == 'error: signrequests.keyroom.dev "no-such-request" not found\n'
+
+
+def test_a_requester_cannot_approve_their_own_request(cluster, key, unique, tmp_path):
+    artifact = tmp_path / "x.bin"
+    artifact.write_bytes(b"x")
+    created = keyroom(cluster, "alice", "sign", str(artifact), "--key", key, "--no-wait")
+    assert created.returncode == 0, created.stderr
+    name = created.stdout.strip()
+    refused = keyroom(cluster, "alice", "approve", name)  # the requester role may not patch at all
+    assert refused.returncode == 1 and "cannot patch" in refused.stderr.splitlines()[-1]
+
+    # One who may both request and approve appends the entry, but it does not count (separation of duties).
+    both = make_key(cluster, unique("cli-both"), requesters={"users": ["keyroom-admin"]},
+                    approvers={"users": ["keyroom-admin"], "groups": ["team-a-approvers"]})
+    created = keyroom(cluster, "admin", "sign", str(artifact), "--key", both, "--no-wait")
+    name = created.stdout.strip()
+    own = keyroom(cluster, "admin", "approve", name)
+    assert own.returncode == 0, own.stderr
+    assert "approved team-a/" + name + " as keyroom-admin (0/1; not counted: a requester cannot" in own.stdout
+    status = keyroom(cluster, "alice", "status", name)
+    assert "phase:      Pending" in status.stdout and "keyroom-admin: Approve (not counted" in status.stdout
+
+
+def test_sign_stops_waiting_at_its_timeout_and_the_request_stays(cluster, key, tmp_path):
+    artifact = tmp_path / "slow.bin"
+    artifact.write_bytes(b"slow")
+    result = keyroom(cluster, "alice", "sign", str(artifact), "--key", key, "--timeout", "1")
+    name = result.stdout.strip()
+    assert result.returncode == 2 and f"kubectl keyroom status {name} -n {NAMESPACE}" in result.stderr
+    assert get(cluster, "signrequest", name, namespace=NAMESPACE)["status"]["phase"] == "Pending"
+
+
+def test_an_approval_appended_at_the_same_moment_is_kept_and_bobs_follows(cluster, unique, tmp_path, monkeypatch,
+                                                                          capsys):
+    key = make_key(cluster, unique("cli-race"), requesters={"groups": ["team-a-devs"]},
+                   approvers={"groups": ["team-a-approvers"]}, required=2)
+    artifact = tmp_path / "race.bin"
+    artifact.write_bytes(b"race")
+    name = keyroom(cluster, "alice", "sign", str(artifact), "--key", key, "--no-wait").stdout.strip()
+    monkeypatch.setattr(kubernetes.client.Configuration, "_default", None)  # the plugin loads bob's config globally
+    bob = plugin.Cluster(argparse.Namespace(kubeconfig=str(cluster.kubeconfig("bob")), context=None,
+                                            namespace=NAMESPACE))
+    before_carol = bob.get(name)
+    assert keyroom(cluster, "carol", "approve", name).returncode == 0
+    reads = iter([before_carol])
+    monkeypatch.setattr(bob, "get", lambda n: next(reads, None) or plugin.Cluster.get(bob, n))
+    identity = bob.whoami()
+    plugin.append_decision(bob, name, {"user": "bob", "groups": identity["groups"], "decision": "Approve"})
+    assert "someone else decided at the same moment" in capsys.readouterr().err
+    assert [a["user"] for a in get(cluster, "signrequest", name, namespace=NAMESPACE)["spec"]["approvals"]] == \
+        ["carol", "bob"]

@@ -1,12 +1,17 @@
-"""The plugin's pure parts: hashing, the SignRequest it creates, the approval patch, where signatures go."""
+"""The plugin without a cluster: hashing, the SignRequest it creates, the approval patch and its retry,
+where signatures go, and one-line errors."""
 from __future__ import annotations
 
+import copy
 import hashlib
 import pathlib
 
+import kubernetes
 import pytest
+import yaml
 
-from keyroom.cli.plugin import CliError, approval_patch, describe, sign_request_body, signature_paths, table
+from keyroom.cli.plugin import (CliError, append_decision, approval_patch, describe, main, sign_request_body,
+                                signature_paths, table)
 
 ALICE = {"username": "alice", "groups": ["team-a-devs", "system:authenticated"]}
 
@@ -67,3 +72,74 @@ def test_an_approver_sees_what_they_approve():
                      "approvals:  1/2", "alice: Approve (not counted: a requester cannot", "app.exe  " + "ab" * 32):
         assert expected in text
     assert table([["NAME", "PHASE"], ["a-long-name", "Signed"]]) == "NAME          PHASE\na-long-name   Signed"
+
+
+class FakeApi:
+    """A SignRequest store that, like the API server, refuses a JSON patch whose test fails."""
+
+    def __init__(self, approvals, *, interleaved=(), refusal=None):
+        self.spec = {"approvals": list(approvals)} if approvals is not None else {}
+        self.interleaved, self.refusal, self.patches = list(interleaved), refusal, []
+
+    def get(self, name):
+        return {"metadata": {"namespace": "team-a", "name": name}, "status": {"phase": "Pending"},
+                "spec": {"keyRef": {"name": "k"}, "requester": ALICE, "digests": [], **copy.deepcopy(self.spec)}}
+
+    def patch_namespaced_custom_object(self, *args, _content_type):
+        ops = args[-1]
+        assert _content_type == "application/json-patch+json"
+        self.patches.append(ops)
+        if self.interleaved:  # someone else's decision lands between our read and our patch
+            self.spec.setdefault("approvals", []).append(self.interleaved.pop(0))
+        if self.refusal:
+            raise kubernetes.client.ApiException(status=403, reason=self.refusal)
+        if ops[0]["op"] == "test" and ops[0]["value"] != self.spec.get("approvals"):
+            raise kubernetes.client.ApiException(status=422, reason="Unprocessable Entity")
+        if ops[0]["op"] == "add" and "approvals" in self.spec:  # the append-only rule refuses a replaced list
+            raise kubernetes.client.ApiException(status=422, reason="Unprocessable Entity")
+        self.spec.setdefault("approvals", []).append(ops[-1]["value"] if ops[0]["op"] == "test" else ops[0]["value"][0])
+
+
+class FakeCluster:
+    namespace = "team-a"
+
+    def __init__(self, api):
+        self.custom, self.get = api, api.get
+
+
+BOB = {"user": "bob", "groups": ["team-a-approvers"], "decision": "Approve"}
+CAROL = {"user": "carol", "groups": ["team-a-approvers"], "decision": "Approve"}
+
+
+@pytest.mark.parametrize("approvals", [None, [], [CAROL]])
+def test_a_decision_that_lands_at_the_same_moment_is_kept_and_ours_appended_after_it(approvals):
+    api = FakeApi(approvals, interleaved=[{"user": "dan", "decision": "Deny"}])
+    append_decision(FakeCluster(api), "r1", BOB)
+    assert api.spec["approvals"] == (approvals or []) + [{"user": "dan", "decision": "Deny"}, BOB]
+    assert len(api.patches) == 2 and api.patches[1][0]["op"] == "test"
+
+
+def test_a_refusal_is_not_retried_and_a_final_request_is_not_touched():
+    api = FakeApi(None, refusal="Forbidden")
+    with pytest.raises(kubernetes.client.ApiException):
+        append_decision(FakeCluster(api), "r1", BOB)
+    assert len(api.patches) == 1
+    api = FakeApi([CAROL])
+    api.get = lambda name: {**FakeApi.get(api, name), "status": {"phase": "Signed"}}
+    with pytest.raises(CliError, match="already Signed; nothing to approve"):
+        append_decision(FakeCluster(api), "r1", BOB)
+    assert api.patches == []
+
+
+def test_expected_failures_are_one_line_errors(tmp_path, capsys):
+    assert main(["get", "--kubeconfig", str(tmp_path / "absent")]) == 1
+    assert capsys.readouterr().err.startswith(f"error: cannot load a kubeconfig from {tmp_path / 'absent'}")
+    nobody = tmp_path / "kubeconfig"
+    nobody.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "c",
+        "clusters": [{"name": "c", "cluster": {"server": "https://127.0.0.1:1", "insecure-skip-tls-verify": True}}],
+        "users": [{"name": "u", "user": {"token": "t"}}],
+        "contexts": [{"name": "c", "context": {"cluster": "c", "user": "u", "namespace": "team-a"}}]}))
+    assert main(["status", "r1", "--kubeconfig", str(nobody)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: cannot reach the API server at https://127.0.0.1:1") and err.count("\n") == 1

@@ -16,7 +16,7 @@ import json
 import pathlib
 import sys
 import time
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import kubernetes
 
@@ -120,17 +120,7 @@ def describe(body: dict) -> str:
 
 class Cluster:
     def __init__(self, args: argparse.Namespace) -> None:
-        try:
-            if args.kubeconfig or not _in_cluster():
-                kubernetes.config.load_kube_config(config_file=args.kubeconfig, context=args.context)
-                contexts, active = kubernetes.config.list_kube_config_contexts(config_file=args.kubeconfig)
-                chosen = next((c for c in contexts if c["name"] == args.context), active) if args.context else active
-                default_namespace = ((chosen or {}).get("context") or {}).get("namespace") or "default"
-            else:
-                kubernetes.config.load_incluster_config()
-                default_namespace = pathlib.Path(_SERVICE_ACCOUNT, "namespace").read_text().strip()
-        except (kubernetes.config.ConfigException, OSError) as error:
-            raise CliError(f"cannot load a kubeconfig: {error}") from None
+        default_namespace = _load_config(args.kubeconfig, args.context)
         self.namespace = args.namespace or default_namespace
         self.custom = kubernetes.client.CustomObjectsApi()
         self.auth = kubernetes.client.AuthenticationV1Api()
@@ -144,11 +134,22 @@ class Cluster:
         return self.custom.get_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, name)
 
 
-_SERVICE_ACCOUNT = "/var/run/secrets/kubernetes.io/serviceaccount"
+_SERVICE_ACCOUNT = pathlib.Path("/var/run/secrets/kubernetes.io/serviceaccount")
 
 
-def _in_cluster() -> bool:
-    return pathlib.Path(_SERVICE_ACCOUNT, "token").exists()
+def _load_config(kubeconfig: str | None, context: str | None) -> str:
+    """Load the kubeconfig (or, inside a pod without one, the pod's own credentials); return the default namespace."""
+    try:
+        kubernetes.config.load_kube_config(config_file=kubeconfig, context=context)
+    except kubernetes.config.ConfigException as error:
+        if kubeconfig or context or not (_SERVICE_ACCOUNT / "token").exists():
+            where = kubeconfig or "$KUBECONFIG or ~/.kube/config"
+            raise CliError(f"cannot load a kubeconfig from {where}: {error}") from None
+        kubernetes.config.load_incluster_config()
+        return (_SERVICE_ACCOUNT / "namespace").read_text().strip()
+    contexts, active = kubernetes.config.list_kube_config_contexts(config_file=kubeconfig)
+    chosen = next((c for c in contexts if c["name"] == context), active) if context else active
+    return ((chosen or {}).get("context") or {}).get("namespace") or "default"
 
 
 def _api_error(error: kubernetes.client.ApiException) -> CliError:
@@ -165,26 +166,38 @@ def _note(message: str) -> None:
 
 # ---------------------------------------------------------------- verbs
 
-def wait_final(cluster: Cluster, name: str, timeout: float) -> dict:
-    """Watch the request until it is final, printing each new message."""
-    deadline, last_message = time.monotonic() + timeout, None
-    while time.monotonic() < deadline:
-        body = cluster.get(name)
+def _versions(cluster: Cluster, body: dict, deadline: float) -> Iterator[dict]:
+    """``body``, then each later version of it as the API server's watch delivers them, until ``deadline``."""
+    yield body
+    name, version = body["metadata"]["name"], body["metadata"]["resourceVersion"]
+    while (remaining := deadline - time.monotonic()) > 0:
+        try:
+            for event in kubernetes.watch.Watch().stream(
+                    cluster.custom.list_namespaced_custom_object, GROUP, VERSION, cluster.namespace, PLURAL,
+                    field_selector=f"metadata.name={name}", resource_version=version,
+                    timeout_seconds=max(1, min(int(remaining), 60))):
+                if event["type"] == "DELETED":
+                    raise CliError(f"{name} was deleted while waiting for it")
+                body, version = event["object"], event["object"]["metadata"]["resourceVersion"]
+                yield body
+        except kubernetes.client.ApiException as error:
+            if error.status != 410:  # 410: the watch fell behind; reading again catches up
+                raise
+            body = cluster.get(name)
+            version = body["metadata"]["resourceVersion"]
+            yield body
+
+
+def wait_final(cluster: Cluster, created: dict, timeout: float) -> dict:
+    """Follow the request from its creation until it is final, printing each new message."""
+    last_message = None
+    for body in _versions(cluster, created, time.monotonic() + timeout):
         status = body.get("status") or {}
         if status.get("message") and status["message"] != last_message:
             last_message = status["message"]
-            _note(f"{name}: {status.get('phase', 'Pending')}: {last_message}")
+            _note(f"{body['metadata']['name']}: {status.get('phase', 'Pending')}: {last_message}")
         if status.get("phase") in FINAL:
             return body
-        remaining = max(1, int(deadline - time.monotonic()))
-        stream = kubernetes.watch.Watch().stream(
-            cluster.custom.list_namespaced_custom_object, GROUP, VERSION, cluster.namespace, PLURAL,
-            field_selector=f"metadata.name={name}", resource_version=body["metadata"]["resourceVersion"],
-            timeout_seconds=min(remaining, 60))
-        for event in stream:
-            status = event["object"].get("status") or {}
-            if status.get("message") != last_message or status.get("phase") in FINAL:
-                break
     raise TimeoutError
 
 
@@ -201,11 +214,12 @@ def cmd_sign(cluster: Cluster, args: argparse.Namespace) -> int:
     if not args.wait:
         return 0
     try:
-        body = wait_final(cluster, name, args.timeout)
-    except TimeoutError:
-        _note(f"{name} is not finished after {args.timeout:.0f}s; it stays, check it with: "
+        body = wait_final(cluster, created, args.timeout)
+    except (TimeoutError, KeyboardInterrupt) as stopped:
+        when = "now" if isinstance(stopped, KeyboardInterrupt) else f"after {args.timeout:.0f}s"
+        _note(f"stopped waiting {when}; {name} stays, check it with: "
               f"kubectl keyroom status {name} -n {cluster.namespace}")
-        return 2
+        return 2 if isinstance(stopped, TimeoutError) else 130
     status = body["status"]
     if status["phase"] != "Signed":
         _note(f"{name}: {status['phase']}: {status.get('message', '')}")
@@ -219,36 +233,49 @@ def cmd_sign(cluster: Cluster, args: argparse.Namespace) -> int:
     return 0
 
 
+def append_decision(cluster: Cluster, name: str, entry: dict, *, attempts: int = 5) -> None:
+    """Append ``entry`` to the request's approvals, after showing the request once.
+
+    The patch tests the list it appends to (or creates it when there is none), so
+    a decision someone else appends at the same moment makes it fail instead of
+    racing. The API server answers a failed test with a bare 422, and a list
+    created meanwhile with the append-only rule's refusal, so a list that has
+    changed on re-reading is what tells a lost race from a real refusal.
+    """
+    body = cluster.get(name)
+    _note(describe(body))
+    for _ in range(attempts):
+        phase = (body.get("status") or {}).get("phase")
+        if phase in FINAL:
+            raise CliError(f"{name} is already {phase}; nothing to {entry['decision'].lower()}")
+        seen = body["spec"].get("approvals")
+        try:
+            cluster.custom.patch_namespaced_custom_object(GROUP, VERSION, cluster.namespace, PLURAL, name,
+                                                          approval_patch(seen, entry),
+                                                          _content_type="application/json-patch+json")
+            return
+        except kubernetes.client.ApiException:
+            body = cluster.get(name)
+            if body["spec"].get("approvals") == seen:
+                raise
+            _note("someone else decided at the same moment; trying again on the new list")
+    raise CliError(f"could not append to {name}: its approvals keep changing")
+
+
 def cmd_decide(cluster: Cluster, args: argparse.Namespace, decision: str) -> int:
     identity = cluster.whoami()
     entry = {"user": identity["username"], "groups": identity["groups"], "decision": decision}
     if args.reason:
         entry["reason"] = args.reason
-    for _ in range(5):
-        body = cluster.get(args.name)
-        phase = (body.get("status") or {}).get("phase")
-        if phase in FINAL:
-            raise CliError(f"{args.name} is already {phase}; nothing to {decision.lower()}")
-        _note(describe(body))
-        try:
-            cluster.custom.patch_namespaced_custom_object(
-                GROUP, VERSION, cluster.namespace, PLURAL, args.name,
-                approval_patch(body["spec"].get("approvals"), entry), _content_type="application/json-patch+json")
-            break
-        except kubernetes.client.ApiException as error:
-            if error.status not in (409, 422) or "test" not in (error.body or ""):
-                raise
-            _note("someone else decided at the same moment; reading the request again")
-    else:
-        raise CliError(f"could not append to {args.name}: it keeps changing")
+    append_decision(cluster, args.name, entry)
     summary = ""
     deadline = time.monotonic() + 3
     while time.monotonic() < deadline:  # the operator counts it within moments
         status = cluster.get(args.name).get("status") or {}
-        counted = next((a for a in status.get("approvals") or [] if a["user"] == identity["username"]), None)
-        if counted is not None:
-            summary = f" ({status.get('approvalSummary', '')}" + ("" if counted.get("counted") else
-                                                                   f"; not counted: {counted.get('reason')}") + ")"
+        mine = [a for a in status.get("approvals") or [] if a["user"] == identity["username"]]
+        if mine:
+            summary = f" ({status.get('approvalSummary', '')}" + ("" if mine[-1].get("counted") else
+                                                                   f"; not counted: {mine[-1].get('reason')}") + ")"
             break
         time.sleep(0.2)
     verb = "approved" if decision == "Approve" else "denied"
@@ -332,7 +359,8 @@ def main(argv: list[str] | None = None) -> int:
         _note(f"error: {error}")
     except Exception as error:  # urllib3 connection errors and the like
         if type(error).__module__.startswith("urllib3"):
-            _note(f"error: cannot reach the API server: {error}")
+            host = kubernetes.client.Configuration.get_default_copy().host
+            _note(f"error: cannot reach the API server at {host}: {getattr(error, 'reason', None) or error}")
         else:
             raise
     return 1
