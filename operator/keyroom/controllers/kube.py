@@ -12,16 +12,13 @@ from typing import Any
 
 import kubernetes
 
+from keyroom import kubeclient
 from keyroom.api.common import GROUP, VERSION
 
 
 @functools.cache
 def _api() -> kubernetes.client.CustomObjectsApi:
-    try:
-        kubernetes.config.load_incluster_config()
-    except kubernetes.config.ConfigException:
-        kubernetes.config.load_kube_config()
-    return kubernetes.client.CustomObjectsApi()
+    return kubernetes.client.CustomObjectsApi(kubeclient.api_client())
 
 
 async def get(*, plural: str, namespace: str, name: str) -> dict[str, Any] | None:

@@ -31,7 +31,7 @@ from typing import Any, Awaitable, Callable, Mapping
 
 import kubernetes
 
-from keyroom import policy
+from keyroom import kubeclient, policy
 from keyroom.api.common import GROUP, VERSION
 from keyroom.signer import audit, hsm
 from keyroom.signer.client import digests_fingerprint
@@ -62,11 +62,8 @@ class ClusterReader:
 
     def _apis(self) -> tuple[kubernetes.client.CustomObjectsApi, kubernetes.client.CoreV1Api]:
         if self._custom is None:
-            try:
-                kubernetes.config.load_incluster_config()
-            except kubernetes.config.ConfigException:
-                kubernetes.config.load_kube_config()
-            self._custom, self._core = kubernetes.client.CustomObjectsApi(), kubernetes.client.CoreV1Api()
+            client = kubeclient.api_client()
+            self._custom, self._core = kubernetes.client.CustomObjectsApi(client), kubernetes.client.CoreV1Api(client)
         return self._custom, self._core
 
     def _get(self, plural: str, namespace: str, name: str) -> dict | None:

@@ -33,6 +33,7 @@ import prometheus_client
 from aiohttp import web
 from cryptography.hazmat.primitives import serialization
 
+from keyroom import kubeclient
 from keyroom.signer import hsm, requests
 from keyroom.signer.client import SIGNER_AUDIENCE
 
@@ -124,11 +125,7 @@ class Authenticator:
 
     def _review(self, token: str) -> str | None:
         if self._api is None:
-            try:
-                kubernetes.config.load_incluster_config()
-            except kubernetes.config.ConfigException:
-                kubernetes.config.load_kube_config()
-            self._api = kubernetes.client.AuthenticationV1Api()
+            self._api = kubernetes.client.AuthenticationV1Api(kubeclient.api_client())
         review = self._api.create_token_review(kubernetes.client.V1TokenReview(
             spec=kubernetes.client.V1TokenReviewSpec(token=token, audiences=[self.audience])))
         status = review.status
