@@ -217,10 +217,13 @@ def request_ttl(policies: list[Mapping]) -> datetime.timedelta:
                 for p in policies), default=schedule.parse_duration(DEFAULT_REQUEST_TTL))
 
 
-def _who(policy_spec: Mapping) -> str:
+def _who(policy_spec: Mapping, requester: Identity) -> str:
+    """Who can still approve: the policy's approvers, without the requester under separation of duties."""
     approvers = policy_spec.get("approvers") or {}
-    names = list(approvers.get("groups") or []) + list(approvers.get("users") or [])
-    return " or ".join(names) if names else "nobody (the policy names no approvers)"
+    users = [u for u in approvers.get("users") or []
+             if not (policy_spec.get("separationOfDuties", True) and u == requester.username)]
+    names = list(approvers.get("groups") or []) + users
+    return " or ".join(names) if names else "nobody (the policy names no other approvers)"
 
 
 def _rate_wait(limit: int, wanted: int, recent: list[Signature], at: datetime.datetime) -> datetime.datetime | None:
@@ -304,7 +307,7 @@ def decide(request: Mapping, *, key: Mapping | None, policies: list[Mapping], at
         missing = [(t.missing, p) for p, t in tallies if not t.approved]
         need, policy_ = max(missing, key=lambda mp: mp[0])
         return pending("AwaitingApproval", f"needs {need} more approval{'s' if need != 1 else ''} from "
-                                           f"{_who(policy_['spec'])} (policy {policy_['metadata']['name']})")
+                                           f"{_who(policy_['spec'], requester)} (policy {policy_['metadata']['name']})")
     version = current_version(key_status.get("versions") or [])
     if version is None or key_status.get("phase") == "Pending":
         return pending("KeyNotReady", f"key {key_name} has no enabled version yet")
