@@ -400,26 +400,25 @@ async def request_changed(event: Mapping, body: kopf.Body, namespace: str, name:
     await _reconciler(memo, signing_keys, policies_by_namespace, keys_by_namespace)(namespace, name)
 
 
-def _pending(memo: kopf.Memo, namespace: str, key: str | None = None) -> list[str]:
-    return [body["metadata"]["name"] for body in memo.signrequests.in_namespace(namespace)
-            if body["status"].get("phase") not in TERMINAL_PHASES
-            and (key is None or body["spec"]["keyRef"]["name"] == key)]
+def _decide_again(memo: kopf.Memo, namespace: str, indexes: tuple[kopf.Index, ...], key: str | None = None) -> None:
+    """Reconcile the namespace's unfinished requests (those naming ``key``, when given)."""
+    reconcile = _reconciler(memo, *indexes)
+    for body in memo.signrequests.in_namespace(namespace):
+        if body["status"].get("phase") not in TERMINAL_PHASES and key in (None, body["spec"]["keyRef"]["name"]):
+            memo.signrequests.spawn(reconcile, namespace, body["metadata"]["name"])
 
 
 @kopf.on.event(GROUP, VERSION, "signingkeys")
 async def key_changed_for_requests(namespace: str, name: str, memo: kopf.Memo, signing_keys: kopf.Index,
-                             policies_by_namespace: kopf.Index, keys_by_namespace: kopf.Index, **_: Any) -> None:
+                                   policies_by_namespace: kopf.Index, keys_by_namespace: kopf.Index,
+                                   **_: Any) -> None:
     """A key came online, got a version, was consumed: its waiting requests decide again."""
-    reconcile = _reconciler(memo, signing_keys, policies_by_namespace, keys_by_namespace)
-    for request in _pending(memo, namespace, name):
-        memo.signrequests.spawn(reconcile, namespace, request)
+    _decide_again(memo, namespace, (signing_keys, policies_by_namespace, keys_by_namespace), key=name)
 
 
 @kopf.on.event(GROUP, VERSION, "signingpolicies")
 async def policy_changed_for_requests(namespace: str, memo: kopf.Memo, signing_keys: kopf.Index,
-                                policies_by_namespace: kopf.Index, keys_by_namespace: kopf.Index,
-                                **_: Any) -> None:
+                                      policies_by_namespace: kopf.Index, keys_by_namespace: kopf.Index,
+                                      **_: Any) -> None:
     """A policy changed: every waiting request of the namespace decides again."""
-    reconcile = _reconciler(memo, signing_keys, policies_by_namespace, keys_by_namespace)
-    for request in _pending(memo, namespace):
-        memo.signrequests.spawn(reconcile, namespace, request)
+    _decide_again(memo, namespace, (signing_keys, policies_by_namespace, keys_by_namespace))

@@ -27,7 +27,7 @@ import datetime
 import logging
 import pathlib
 import time
-from typing import Any, Awaitable, Callable, Mapping
+from typing import Any, Awaitable, Callable
 
 import kubernetes
 
@@ -38,7 +38,6 @@ from keyroom.signer.client import digests_fingerprint
 
 logger = logging.getLogger("keyroom.signer")
 
-CHECKPOINT_NAME = audit.CHECKPOINT_NAME
 _CHECKPOINT_INTERVAL = 1.0
 
 
@@ -88,7 +87,7 @@ class ClusterReader:
 
     def read_checkpoint(self) -> audit.Head | None:
         try:
-            found = self._apis()[1].read_namespaced_config_map(CHECKPOINT_NAME, self.namespace)
+            found = self._apis()[1].read_namespaced_config_map(audit.CHECKPOINT_NAME, self.namespace)
         except kubernetes.client.ApiException as error:
             if error.status == 404:
                 return None
@@ -97,12 +96,12 @@ class ClusterReader:
         return audit.Head(int(data["index"]), data["entryHash"]) if "index" in data else None
 
     def write_checkpoint(self, head: audit.Head) -> None:
-        body = {"metadata": {"name": CHECKPOINT_NAME, "labels": {"app.kubernetes.io/part-of": "keyroom"}},
+        body = {"metadata": {"name": audit.CHECKPOINT_NAME, "labels": {"app.kubernetes.io/part-of": "keyroom"}},
                 "data": {"index": str(head.index), "entryHash": head.hash,
                          "updatedAt": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}}
         core = self._apis()[1]
         try:
-            core.patch_namespaced_config_map(CHECKPOINT_NAME, self.namespace, body)
+            core.patch_namespaced_config_map(audit.CHECKPOINT_NAME, self.namespace, body)
         except kubernetes.client.ApiException as error:
             if error.status != 404:
                 raise
