@@ -173,8 +173,37 @@ def key_availability(spec: Mapping, at: datetime.datetime) -> schedule.Availabil
 
 
 def current_version(versions: list[dict]) -> dict | None:
-    """The one Enabled version of a key, which is the one that signs."""
-    return next((v for v in versions if v["state"] == "Enabled"), None)
+    """The newest Enabled version of a key, which is the one that signs."""
+    return max((v for v in versions if v["state"] == "Enabled"), key=lambda v: v["version"], default=None)
+
+
+@dataclasses.dataclass(frozen=True)
+class KeyState:
+    """What a decision needs to know of a key's material: the signer's record, or the operator's mirror of it.
+
+    The signer builds it from its own durable record; the operator from the
+    key's status, which mirrors that record. A decision never reads status
+    itself, so the signer cannot be led by a status someone wrote.
+    """
+
+    #: the version that signs now (None: no enabled version)
+    current_version: int | None
+    #: a one-time key's consumer: the request's name and/or UID
+    consumed_by: tuple[str, ...] = ()
+    #: every version was destroyed
+    destroyed: bool = False
+    #: versions whose private key is missing from the token (destroyed outside keyroom)
+    missing_versions: tuple[int, ...] = ()
+
+    @classmethod
+    def from_status(cls, status: Mapping) -> "KeyState":
+        """The operator's view: from a SigningKey's status (a mirror of the signer's record)."""
+        versions = status.get("versions") or []
+        current = current_version(versions)
+        return cls(current_version=current["version"] if current else None,
+                   consumed_by=(status["consumedBy"],) if status.get("consumedBy") else (),
+                   destroyed=status.get("phase") == "Destroyed",
+                   missing_versions=tuple(v["version"] for v in versions if v.get("missing")))
 
 
 # ---------------------------------------------------------------- one request, all its policies
@@ -239,11 +268,14 @@ def _rate_wait(limit: int, wanted: int, recent: list[Signature], at: datetime.da
     return at + RATE_WINDOW
 
 
-def decide(request: Mapping, *, key: Mapping | None, policies: list[Mapping], at: datetime.datetime,
-           recent: list[Signature] = (), key_labels: Mapping[str, Mapping[str, str]] | None = None) -> Decision:
+def decide(request: Mapping, *, key: Mapping | None, key_state: KeyState | None, policies: list[Mapping],
+           at: datetime.datetime, recent: list[Signature] = (),
+           key_labels: Mapping[str, Mapping[str, str]] | None = None) -> Decision:
     """The state a non-final SignRequest should be in (pure; the operator and the signer both call it).
 
-    ``key`` is the SigningKey the request names (None when it does not exist);
+    ``key`` is the SigningKey the request names (None when it does not exist;
+    only its metadata and spec are read), ``key_state`` what is known of its
+    material (None: nothing, as for a key that has no version yet);
     ``policies`` are all SigningPolicies of the request's namespace; ``recent``
     the signatures made in the namespace (for ``maxSignaturesPerHour``), and
     ``key_labels`` the labels of the namespace's keys, to know which of those
@@ -296,20 +328,23 @@ def decide(request: Mapping, *, key: Mapping | None, policies: list[Mapping], at
     if spec.get("format", "raw") not in SUPPORTED_FORMATS:
         return Decision("Failed", "FormatNotSupported", f"format {spec['format']} is not produced yet; "
                                                         f"ask for {' or '.join(SUPPORTED_FORMATS)}", **base)
-    key_spec, key_status = key.get("spec") or {}, key.get("status") or {}
-    consumed = key_status.get("consumedBy")
-    if consumed and consumed != meta["name"]:
-        return Decision("Failed", "KeyConsumed", f"one-time key {key_name} already signed {consumed} and is retired",
-                        **base)
-    if key_status.get("phase") == "Destroyed":
+    key_spec = key.get("spec") or {}
+    state = key_state or KeyState(current_version=None)
+    if state.consumed_by and not {meta["name"], meta.get("uid")} & set(state.consumed_by):
+        return Decision("Failed", "KeyConsumed", f"one-time key {key_name} already signed {state.consumed_by[0]} "
+                                                 "and is retired", **base)
+    if state.destroyed:
         return Decision("Failed", "KeyDestroyed", f"every version of key {key_name} was destroyed", **base)
     if not approved:
         missing = [(t.missing, p) for p, t in tallies if not t.approved]
         need, policy_ = max(missing, key=lambda mp: mp[0])
         return pending("AwaitingApproval", f"needs {need} more approval{'s' if need != 1 else ''} from "
                                            f"{_who(policy_['spec'], requester)} (policy {policy_['metadata']['name']})")
-    version = current_version(key_status.get("versions") or [])
-    if version is None or key_status.get("phase") == "Pending":
+    if state.current_version is None and state.missing_versions:
+        return Decision("Failed", "KeyMaterialMissing",
+                        f"key {key_name} version {state.missing_versions[-1]} is missing from the HSM (destroyed "
+                        "outside keyroom?); a platform admin rotates the key to generate a new version", **base)
+    if state.current_version is None:
         return pending("KeyNotReady", f"key {key_name} has no enabled version yet")
     availability = key_availability(key_spec, at)
     if not availability.online:
@@ -327,5 +362,5 @@ def decide(request: Mapping, *, key: Mapping | None, policies: list[Mapping], at
         if wait is not None:
             return pending("RateLimited", f"policy {policy_['metadata']['name']} allows {limit} signatures per "
                                           f"hour; this request fits again at {schedule.format_time(wait)}", wait)
-    return Decision("Approved", "Approved", f"approved; signing with {key_name} version {version['version']}",
-                    key_version=version["version"], **base)
+    return Decision("Approved", "Approved", f"approved; signing with {key_name} version {state.current_version}",
+                    key_version=state.current_version, **base)

@@ -66,9 +66,10 @@ def test_the_log_remembers_signed_requests_consumed_keys_and_abandoned_intents(t
                signatures=[{"name": "a", "hash": "sha256:x"}])
     other = {**REQUEST, "uid": "u-2"}
     crashed = log.append("Intent", request=other, key=KEY, digests=[{"name": "b", "value": "00"}])
+    head = log.head
     log.close()
-    reopened = audit.AuditLog(tmp_path)
-    assert reopened.requests["u-1"].signed is not None and reopened.consumed == {"k-1": "u-1"}
+    reopened = audit.AuditLog(tmp_path, checkpoint=head)
+    assert reopened.requests["u-1"].signed is not None and reopened.keys["k-1"].consumed_by["uid"] == "u-1"
     assert reopened.requests["u-2"].open_intent
     reopened.append("Abandoned", request=other, intent=crashed["index"])
     assert not reopened.requests["u-2"].open_intent
@@ -106,3 +107,55 @@ def test_old_results_of_signed_requests_are_pruned_and_others_kept(tmp_path):
         os.utime(tmp_path / "results" / f"{uid}.json", (0, 0))
     assert log.prune_results(datetime.timedelta(days=30)) == 1
     assert log.load_result("u-1") is None and log.load_result("u-open") is not None
+
+
+def test_a_log_without_its_checkpoint_or_a_checkpoint_without_its_log_fails(tmp_path):
+    path = write_log(tmp_path)
+    head = audit.verify(path)
+    with pytest.raises(audit.AuditError, match="no checkpoint"):
+        audit.AuditLog(tmp_path, checkpoint=None)
+    path.unlink()
+    with pytest.raises(audit.AuditError, match="missing or empty"):
+        audit.AuditLog(tmp_path, checkpoint=head)
+    assert audit.AuditLog(tmp_path, checkpoint=None).head is None  # neither: a new installation
+
+
+def test_a_new_chain_records_what_was_lost_and_carries_what_the_old_log_proves(tmp_path):
+    log = audit.AuditLog(tmp_path)
+    intent = log.append("Intent", request=REQUEST, key={**KEY, "usage": "OneTime"}, digests=[])
+    log.append("Signed", request=REQUEST, key={**KEY, "usage": "OneTime"}, intent=intent["index"], signatures=[])
+    log.append("Refused", request={**REQUEST, "uid": "u-9"}, reason="AwaitingApproval", message="")
+    checkpoint = log.head
+    log.store_result("u-stored", {"signatures": []})
+    log.close()
+    path = tmp_path / "audit.jsonl"
+    path.write_bytes(path.read_bytes()[:-10])  # torn at the end
+    with pytest.raises(audit.AuditError):
+        audit.AuditLog(tmp_path, checkpoint=checkpoint)
+    fresh = audit.start_new_chain(tmp_path, checkpoint=checkpoint, reason="INC-42", instruction={"reason": "INC-42"})
+    first = next(audit.read_entries(path))
+    assert first["event"] == "ChainStarted" and first["reason"] == "INC-42"
+    assert first["previous"]["checkpoint"] == {"index": checkpoint.index, "hash": checkpoint.hash}
+    assert "incomplete" in first["previous"]["problem"]
+    assert (tmp_path / first["previous"]["keptAs"]).exists()
+    assert fresh.requests["u-1"].signed is not None and fresh.requests["u-stored"].signed is not None
+    assert fresh.keys["k-1"].consumed_by["uid"] == "u-1" and fresh.restarted
+    fresh.close()
+    reopened = audit.AuditLog(tmp_path, checkpoint=audit.Head(0, first["hash"]))
+    assert reopened.requests["u-1"].signed is not None and reopened.keys["k-1"].consumed_by is not None
+
+
+def test_one_process_holds_the_state_directory(tmp_path):
+    import os
+    import subprocess
+    import sys
+    descriptor = audit.lock_state_dir(tmp_path)
+    try:
+        child = subprocess.run([sys.executable, "-c", "import pathlib, sys; from keyroom.signer import audit\n"
+                                "try:\n    audit.lock_state_dir(pathlib.Path(sys.argv[1]))\n"
+                                "except audit.StateLocked as e:\n    print(e); sys.exit(3)", str(tmp_path)],
+                               capture_output=True, text=True)
+        assert child.returncode == 3 and f"pid {os.getpid()}" in child.stdout
+    finally:
+        os.close(descriptor)
+    audit.lock_state_dir(tmp_path)  # free again once the holder is gone

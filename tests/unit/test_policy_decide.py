@@ -36,8 +36,9 @@ def pol(name="release", required=2, **spec):
 
 
 def decide(req, *, k=None, policies=None, at=T0 + datetime.timedelta(minutes=1), **kwargs):
-    return policy.decide(req, key=key() if k is None else k, policies=[pol()] if policies is None else policies,
-                         at=at, **kwargs)
+    k = key() if k is None else k
+    kwargs.setdefault("key_state", policy.KeyState.from_status(k["status"]))
+    return policy.decide(req, key=k, policies=[pol()] if policies is None else policies, at=at, **kwargs)
 
 
 def test_two_distinct_approvers_approve_and_the_current_version_signs():
@@ -72,7 +73,7 @@ def test_every_selecting_policy_must_pass():
 
 def test_no_policy_fails_closed_and_a_missing_key_waits():
     assert decide(request(), policies=[]).reason == "NoPolicy"
-    decision = policy.decide(request(), key=None, policies=[pol()], at=T0)
+    decision = policy.decide(request(), key=None, key_state=None, policies=[pol()], at=T0)
     assert decision.phase == "Pending" and decision.reason == "KeyNotFound"
 
 
@@ -138,7 +139,7 @@ def test_invariants_of_any_approval_history(history, required, separation):
     decision = decide(request(*history), policies=[pol(**spec)])
     counted = {a["user"] for a in decision.approvals if a["counted"] and a["decision"] == "Approve"}
     deniers = {u for u, d in history if d == "Deny" and u != "dave" and not (separation and u == "alice")}
-    assert not (decision.phase == "Approved" and decision.phase == "Denied")
+    assert not (decision.approved and decision.phase == "Denied")
     assert (decision.phase == "Denied") == bool(deniers)
     if separation:
         assert "alice" not in counted
@@ -154,3 +155,32 @@ def test_invariants_of_any_approval_history(history, required, separation):
 def test_a_format_the_signer_does_not_produce_fails_clearly_instead_of_signing_raw():
     decision = decide(request(format="cms"), policies=[pol(required=0)])
     assert decision.phase == "Failed" and decision.reason == "FormatNotSupported" and "ask for raw" in decision.message
+
+
+def test_the_decision_reads_what_it_is_given_of_the_key_never_its_status():
+    """The signer passes its own record: a status saying otherwise changes nothing."""
+    forged = key(consumed=None)
+    forged["status"]["versions"] = [{"version": 1, "state": "Enabled"}]
+    mine = policy.KeyState(current_version=2, consumed_by=("sr-1", "uid-1"))
+    assert decide(request(name="sr-2"), k=forged, policies=[pol(required=0)], key_state=mine).reason == "KeyConsumed"
+    decision = decide(request(name="sr-1"), k=forged, policies=[pol(required=0)], key_state=mine)
+    assert (decision.phase, decision.key_version) == ("Approved", 2)
+    assert decide(request(), k=key(), policies=[pol(required=0)],
+                  key_state=policy.KeyState(current_version=None)).reason == "KeyNotReady"
+    assert decide(request(), k=key(), policies=[pol(required=0)],
+                  key_state=policy.KeyState(current_version=None, destroyed=True)).reason == "KeyDestroyed"
+
+
+def test_missing_key_material_fails_a_request_with_the_way_out():
+    decision = decide(request(), k=key(), policies=[pol(required=0)],
+                      key_state=policy.KeyState(current_version=None, missing_versions=(2,)))
+    assert (decision.phase, decision.reason) == ("Failed", "KeyMaterialMissing")
+    assert "version 2" in decision.message and "rotate" in decision.message
+
+
+def test_key_state_from_status_is_the_operators_mirror():
+    state = policy.KeyState.from_status({"phase": "Active", "consumedBy": "sr-9", "versions": [
+        {"version": 3, "state": "Enabled"}, {"version": 4, "state": "Destroyed", "missing": True},
+        {"version": 2, "state": "Enabled"}]})
+    assert state == policy.KeyState(current_version=3, consumed_by=("sr-9",), destroyed=False, missing_versions=(4,))
+    assert policy.KeyState.from_status({"phase": "Destroyed"}).destroyed

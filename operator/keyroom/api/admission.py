@@ -14,20 +14,30 @@ authentic approvals satisfy the policy.
 A second policy keeps the operator's own identity (a ServiceAccount named
 ``keyroom-operator``) away from every spec: it needs to write status,
 finalizers and annotations, never what a key, certificate, policy or request
-says. A compromised operator therefore cannot relax a policy to get a pending
-request signed: the signer re-reads the policies, and only admins write them.
+says, nor the ``keyroom.dev/rotate`` annotation, which the signer acts on. A
+compromised operator therefore cannot relax a policy to get a pending request
+signed (the signer re-reads the policies, and only admins write them), nor
+rotate keys until their old versions fall out of ``keepVersions``.
 """
 from __future__ import annotations
 
 from keyroom.api.common import GROUP
 
 POLICY_NAME = "keyroom-signrequest-identity"
+#: the annotation that asks for a manual rotation: an input to the signer, so people's alone to write
+ROTATE_ANNOTATION = f"{GROUP}/rotate"
 OPERATOR_POLICY_NAME = "keyroom-operator-writes-no-spec"
 KINDS = ["signingkeys", "certificates", "signingpolicies", "signrequests"]
 
 
 def _same_set(a: str, b: str) -> str:
     return f"{a}.all(g, g in {b}) && {b}.all(g, g in {a})"
+
+
+def _annotation(obj: str, name: str) -> str:
+    """CEL for an annotation's value, '' when absent."""
+    return (f"(has({obj}.metadata.annotations) && '{name}' in {obj}.metadata.annotations ? "
+            f"{obj}.metadata.annotations['{name}'] : '')")
 
 
 def _check(expression: str, message_expression: str) -> dict:
@@ -107,6 +117,9 @@ def operator_admission_policy() -> dict:
                        "(has(object.spec) == has(oldObject.spec)) && (!has(object.spec) || object.spec == oldObject.spec)",
                        "'the keyroom operator may change status and metadata, never spec (' + "
                        "request.userInfo.username + ')'"),
+                _check(f"{_annotation('object', ROTATE_ANNOTATION)} == {_annotation('oldObject', ROTATE_ANNOTATION)}",
+                       f"'the keyroom operator may not request a rotation ({ROTATE_ANNOTATION}): only platform "
+                       "admins rotate keys'"),
             ],
         },
     }

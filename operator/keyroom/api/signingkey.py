@@ -99,6 +99,7 @@ _version = obj(
         "createdAt": timestamp("When the key pair was generated."),
         "destroyAt": timestamp("When a PendingDestruction version will be destroyed."),
         "destroyedAt": timestamp("When the version was destroyed in the HSM."),
+        "missing": boolean("The private key was found missing from the HSM (destroyed outside keyroom)."),
     },
     required=["version", "state"],
 )

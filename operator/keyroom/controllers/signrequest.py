@@ -154,6 +154,9 @@ class Requests:
     timers: dict[tuple[str, str], asyncio.TimerHandle] = dataclasses.field(default_factory=dict)
     backoff: dict[tuple[str, str], float] = dataclasses.field(default_factory=dict)
     tasks: set[asyncio.Task] = dataclasses.field(default_factory=set)
+    #: UIDs the signer said it has not signed, with no sign call from this process since: only these may be
+    #: settled without asking the signer (a previous operator process may have asked it to sign any other)
+    unsigned: set[str] = dataclasses.field(default_factory=set)
 
     def remember(self, body: Mapping) -> None:
         key = (body["metadata"]["namespace"], body["metadata"]["name"])
@@ -170,7 +173,9 @@ class Requests:
 
     def forget(self, namespace: str, name: str) -> None:
         key = (namespace, name)
-        self.bodies.pop(key, None)
+        body = self.bodies.pop(key, None)
+        if body is not None:
+            self.unsigned.discard(body["metadata"]["uid"])
         self.backoff.pop(key, None)
         timer = self.timers.pop(key, None)
         if timer:
@@ -259,8 +264,26 @@ class Reconciler:
         key = next(iter(self.keys.get((namespace, body["spec"]["keyRef"]["name"]), [])), None)
         policies = list(self.policies.get(namespace, []))
         labels = dict(self.key_labels.get(namespace, []))
-        return policy.decide(body, key=key, policies=policies, at=at, key_labels=labels,
+        key_state = policy.KeyState.from_status(key.get("status") or {}) if key is not None else None
+        return policy.decide(body, key=key, key_state=key_state, policies=policies, at=at, key_labels=labels,
                              recent=recent_signatures(self.requests.in_namespace(namespace), at))
+
+    async def _signer_record(self, body: Mapping) -> str | None:
+        """Signed, Signing or Unsigned as the signer records the request; None when it cannot be asked."""
+        uid = body["metadata"]["uid"]
+        if uid in self.requests.unsigned or self.signer is None:
+            return "Unsigned"
+        meta = body["metadata"]
+        try:
+            state = (await self.signer.request_outcome(namespace=meta["namespace"], name=meta["name"],
+                                                       uid=uid))["state"]
+        except SignerError as error:
+            logger.info("signrequest %s/%s: cannot ask the signer whether it signed: %s", meta["namespace"],
+                        meta["name"], error)
+            return None
+        if state == "Unsigned":
+            self.requests.unsigned.add(uid)
+        return state
 
     async def _reconcile(self, namespace: str, name: str) -> None:
         body = self.requests.bodies.get((namespace, name))
@@ -273,10 +296,19 @@ class Reconciler:
         decision = self._decide(body, at)
         # A request the signer may already have signed is always settled by asking the signer: it returns
         # the signatures it made, or refuses with the reason it sees now (a Deny appended meanwhile...).
+        # A request the signer may have signed is always settled by the signer: it is never shown as
+        # Denied, Expired or Pending while an audited signature exists (a crash, a lost status write).
         resuming = status.get("phase") in ("Signing", "Approved")
         if decision.phase != "Approved" and not resuming:
-            await self._settle(body, decision, at)
-            return
+            recorded = await self._signer_record(body)
+            if recorded == "Unsigned" or (recorded is None and decision.phase not in TERMINAL_PHASES):
+                await self._settle(body, decision, at)
+                if recorded is None:
+                    self._retry(namespace, name)
+                return
+            if recorded is None:
+                self._retry(namespace, name)  # a final outcome waits until the signer confirms it signed nothing
+                return
         if self.signer is None:
             await self._write(body, status_patch(status, desired_status(
                 decision=decision, phase="Approved", status=status, generation=generation, at=at,
@@ -319,6 +351,7 @@ class Reconciler:
         """
         meta, spec = body["metadata"], body["spec"]
         namespace, name = meta["namespace"], meta["name"]
+        self.requests.unsigned.discard(meta["uid"])
         call = asyncio.ensure_future(self.signer.sign_request(namespace=namespace, name=name, uid=meta["uid"],
                                                               digests=digests_fingerprint(spec)))
         try:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import fcntl
 import hashlib
 import json
 import os
@@ -28,9 +29,14 @@ import sys
 import time
 from typing import Any, Iterator
 
+from keyroom.signer import keys
+
 GENESIS = "sha256:" + "0" * 64
-#: the ConfigMap (in the signer's namespace) that holds the checkpointed head
+#: the ConfigMap (in the signer's namespace) that holds the checkpointed head; only the signer writes it
 CHECKPOINT_NAME = "keyroom-audit-checkpoint"
+#: the ConfigMap in which an administrator tells the signer to start a new chain; the signer only reads it
+NEW_CHAIN_NAME = "keyroom-audit-new-chain"
+LOG_NAME = "audit.jsonl"
 
 
 class AuditError(Exception):
@@ -78,11 +84,24 @@ def read_entries(path: pathlib.Path) -> Iterator[dict]:
 
 
 def check_checkpoint(entries_by_index: dict[int, str] | None, head: Head | None, checkpoint: Head | None) -> None:
-    """The checkpointed entry must still be in the log with the same hash."""
+    """The checkpointed entry must still be in the log with the same hash; a log needs its checkpoint.
+
+    No checkpoint and no log is a new installation. A log without a
+    checkpoint (the ConfigMap was deleted) or a checkpoint without a log (the
+    volume was wiped or swapped) fails: either could hide a log started anew,
+    which would have forgotten the requests signed and the one-time keys used.
+    """
     if checkpoint is None:
+        if head is not None:
+            raise AuditError(f"the log holds {head.index + 1} entries but there is no checkpoint: the checkpoint "
+                             "was deleted; start a new chain deliberately (python -m keyroom.signer.audit new-chain)")
         return
-    if head is None or head.index < checkpoint.index:
-        raise AuditError(f"the log ends at entry {head.index if head else -1} but entry {checkpoint.index} was "
+    if head is None:
+        raise AuditError(f"entry {checkpoint.index} was checkpointed but the log is missing or empty: the log was "
+                         "deleted or replaced; start a new chain deliberately (python -m keyroom.signer.audit "
+                         "new-chain)")
+    if head.index < checkpoint.index:
+        raise AuditError(f"the log ends at entry {head.index} but entry {checkpoint.index} was "
                          "checkpointed: the log was truncated")
     found = (entries_by_index or {}).get(checkpoint.index)
     if found != checkpoint.hash:
@@ -98,7 +117,8 @@ def verify(path: pathlib.Path, checkpoint: Head | None = None) -> Head | None:
             head = Head(entry["index"], entry["hash"])
             if checkpoint is not None and entry["index"] == checkpoint.index:
                 hashes[entry["index"]] = entry["hash"]
-    check_checkpoint(hashes, head, checkpoint)
+    if checkpoint is not None:
+        check_checkpoint(hashes, head, checkpoint)
     return head
 
 
@@ -121,13 +141,15 @@ class AuditLog:
 
     def __init__(self, directory: pathlib.Path, *, checkpoint: Head | None = None) -> None:
         self.directory = directory
-        self.path = directory / "audit.jsonl"
+        self.path = directory / LOG_NAME
         self.results = directory / "results"
         self.results.mkdir(parents=True, exist_ok=True)
         self.head: Head | None = None
         self.requests: dict[str, RequestRecord] = {}
-        #: one-time keys by key UID -> the request UID that consumed them
-        self.consumed: dict[str, str] = {}
+        #: the signer's record of each SigningKey by UID (see keyroom.signer.keys)
+        self.keys: dict[str, keys.KeyRecord] = {}
+        #: whether this chain was started anew by an administrator (key records are then rebuilt from the token)
+        self.restarted = False
         #: signatures of the last hour by intent index: (time, namespace, key name, count), oldest first.
         #: An intent counts from the moment it is written, so concurrent requests cannot overrun a rate limit.
         self.recent: dict[int, tuple[datetime.datetime, str, str, int]] = {}
@@ -148,15 +170,18 @@ class AuditLog:
         uid = (entry.get("request") or {}).get("uid")
         record = self.requests.setdefault(uid, RequestRecord()) if uid else None
         event = entry["event"]
-        if event == "Intent":  # the memory keeps only what resolving and answering need, not the digests
+        keys.apply(self.keys, entry)
+        if event == "ChainStarted":
+            self.restarted = True
+            for carried in entry.get("signedRequests") or []:
+                self.requests.setdefault(carried, RequestRecord()).signed = {"index": entry["index"],
+                                                                             "hash": entry["hash"]}
+        elif event == "Intent":  # the memory keeps only what resolving and answering need, not the digests
             record.intent = {field: entry[field] for field in ("index", "request", "key")}
             self.recent[entry["index"]] = (datetime.datetime.fromisoformat(entry["time"]),
                                            entry["request"]["namespace"], entry["key"]["name"], len(entry["digests"]))
         elif event == "Signed":
             record.signed = {"index": entry["index"], "hash": entry["hash"]}
-            key = entry["key"]
-            if key.get("usage") == "OneTime":
-                self.consumed.setdefault(key["uid"], uid)
         elif event == "Abandoned":
             record.abandoned.append(entry["intent"])
             self.recent.pop(entry["intent"], None)
@@ -221,15 +246,133 @@ class AuditLog:
         return pruned
 
 
+class StateLocked(OSError):
+    """Another signer holds the state directory."""
+
+
+def lock_state_dir(directory: pathlib.Path) -> int:
+    """Take the state directory's exclusive lock for the life of the process; returns the open descriptor.
+
+    Two signers on one state would each append to the log from their own
+    head (forking the chain) and each sign a request once: exactly-once needs
+    one writer. The lock is released by the kernel when the process ends.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    descriptor = os.open(directory / "signer.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(descriptor, 64).decode(errors="replace").strip() or "unknown"
+        os.close(descriptor)
+        raise StateLocked(f"another signer (pid {holder}) holds the state directory {directory}; "
+                          "run one signer per state directory") from None
+    os.ftruncate(descriptor, 0)
+    os.pwrite(descriptor, f"{os.getpid()}\n".encode(), 0)
+    return descriptor
+
+
+def start_new_chain(directory: pathlib.Path, *, checkpoint: Head | None, reason: str,
+                    instruction: dict[str, str]) -> AuditLog:
+    """Set a broken log aside and start a new chain whose first entry says what was lost and why.
+
+    Only an administrator's explicit instruction (``new-chain``) leads here.
+    What the old log still proves is carried over: the requests its readable
+    part records as signed, the one-time keys it records as used, and every
+    request whose signatures are stored beside it; so a retry of those is
+    never signed twice. Key versions are rebuilt from the token.
+    """
+    path = directory / LOG_NAME
+    signed: set[str] = set()
+    consumed: dict[str, dict] = {}
+    previous: dict[str, Any] = {"checkpoint": dataclasses.asdict(checkpoint) if checkpoint else None}
+    if path.exists():
+        head = None
+        try:
+            for entry in read_entries(path):
+                head = Head(entry["index"], entry["hash"])
+                if entry["event"] == "Signed":
+                    signed.add(entry["request"]["uid"])
+                    if entry["key"].get("usage") == "OneTime":
+                        consumed.setdefault(entry["key"]["uid"], {"name": entry["request"]["name"],
+                                                                  "uid": entry["request"]["uid"]})
+                elif entry["event"] == "ChainStarted":
+                    signed.update(entry.get("signedRequests") or [])
+                    consumed.update(entry.get("consumedKeys") or {})
+        except AuditError as error:
+            previous["problem"] = str(error)
+        aside = path.with_name(f"audit-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.jsonl.broken")
+        os.replace(path, aside)
+        previous.update(readableHead=dataclasses.asdict(head) if head else None, keptAs=aside.name)
+    results = directory / "results"
+    if results.exists():
+        signed.update(p.stem for p in results.glob("*.json"))
+    log = AuditLog(directory)
+    log.append("ChainStarted", reason=reason, instruction=instruction, previous=previous,
+               signedRequests=sorted(signed), consumedKeys=consumed)
+    return log
+
+
+def checkpoint_text(head: Head | None) -> str:
+    """How a new-chain instruction names the checkpoint it supersedes."""
+    return f"{head.index}:{head.hash}" if head else "none"
+
+
+def request_new_chain(*, namespace: str, reason: str) -> str:
+    """Write the administrator's instruction to start a new chain, naming the checkpoint it supersedes.
+
+    The signer acts on it only while its log fails verification and only if
+    the instruction names the checkpoint it sees, so an old instruction can
+    never reset a later chain. Writing it needs the right to write ConfigMaps
+    in the signer's namespace: a cluster or platform administrator's, never
+    the operator's or the signer's.
+    """
+    import kubernetes  # only this command talks to the API server
+
+    from keyroom import kubeclient
+    core = kubernetes.client.CoreV1Api(kubeclient.api_client())
+    try:
+        data = core.read_namespaced_config_map(CHECKPOINT_NAME, namespace).data or {}
+        head = Head(int(data["index"]), data["entryHash"]) if "index" in data and "entryHash" in data else None
+    except kubernetes.client.ApiException as error:
+        if error.status != 404:
+            raise
+        head = None
+    body = {"metadata": {"name": NEW_CHAIN_NAME, "labels": {"app.kubernetes.io/part-of": "keyroom"}},
+            "data": {"supersedes": checkpoint_text(head), "reason": reason,
+                     "requestedAt": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}}
+    try:
+        core.replace_namespaced_config_map(NEW_CHAIN_NAME, namespace, body)
+    except kubernetes.client.ApiException as error:
+        if error.status != 404:
+            raise
+        core.create_namespaced_config_map(namespace, body)
+    return checkpoint_text(head)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m keyroom.signer.audit",
-                                     description="Verify a keyroom signer audit log.")
+                                     description="Verify a keyroom signer audit log, or start a new chain.")
     sub = parser.add_subparsers(dest="command", required=True)
     check = sub.add_parser("verify", help="check the hash chain, and the checkpoint when given")
     check.add_argument("log", type=pathlib.Path)
     check.add_argument("--index", type=int, help="the checkpointed entry index")
     check.add_argument("--hash", help="the checkpointed entry hash (sha256:...)")
+    chain = sub.add_parser("new-chain", help="tell a signer whose log failed verification to start a new chain "
+                                             "(the old log is kept aside; the reason is the new chain's first entry)")
+    chain.add_argument("--reason", required=True, help="why, for the record (e.g. the incident number)")
+    chain.add_argument("--namespace", default="keyroom-system", help="the signer's namespace")
     args = parser.parse_args(argv)
+    if args.command == "new-chain":
+        if not args.reason.strip():
+            parser.error("--reason must say why")
+        try:
+            supersedes = request_new_chain(namespace=args.namespace, reason=args.reason)
+        except Exception as error:  # one line for a person, never a traceback
+            print(f"error: cannot write the instruction: {error}", file=sys.stderr)
+            return 1
+        print(f"instruction written: the signer starts a new chain superseding checkpoint {supersedes} "
+              "once its log fails verification (its health endpoint says when)")
+        return 0
     checkpoint = Head(args.index, args.hash) if args.index is not None and args.hash else None
     try:
         head = verify(args.log, checkpoint)

@@ -7,7 +7,6 @@ only public keys and signatures come back.
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
@@ -41,19 +40,7 @@ class SignerError(Exception):
     def transient(self) -> bool:
         """Worth retrying without a change of configuration."""
         return self.reason in ("SignerUnreachable", "AuthenticationUnavailable", "HSMUnavailable", "DeviceError",
-                               "ApiServerUnavailable", "AuditLogUnavailable")
-
-
-@dataclasses.dataclass(frozen=True)
-class KeyRef:
-    namespace: str
-    name: str
-    uid: str
-    version: int
-
-    @property
-    def path(self) -> str:
-        return f"/v1/keys/{self.namespace}/{self.name}/{self.uid}/{self.version}"
+                               "ApiServerUnavailable", "AuditLogUnavailable", "CheckpointBehind")
 
 
 class SignerClient:
@@ -103,22 +90,16 @@ class SignerClient:
         except (aiohttp.ClientError, TimeoutError, OSError) as error:
             raise SignerError("SignerUnreachable", f"cannot reach the signer at {self.url}: {error}") from None
 
-    async def generate(self, key: KeyRef, *, algorithm: str) -> dict[str, str]:
-        return await self._call("PUT", key.path, {"algorithm": algorithm})
+    async def reconcile_key(self, *, namespace: str, name: str, uid: str) -> dict[str, Any]:
+        """Have the signer apply the SigningKey's spec and the clock to its record; returns the record.
 
-    async def public_key(self, key: KeyRef) -> dict[str, str]:
-        return await self._call("GET", key.path)
-
-    async def destroy(self, key: KeyRef) -> bool:
-        return (await self._call("DELETE", key.path))["destroyed"]
+        The answer has versions (newest first), currentVersion, consumedBy,
+        lastRotationRequest, nextChangeAt, missingVersions, deleted and finished.
+        """
+        return await self._call("POST", f"/v1/keys/{namespace}/{name}/{uid}/reconcile")
 
     async def list_objects(self) -> list[dict]:
         return (await self._call("GET", "/v1/keys"))["objects"]
-
-    async def sign(self, key: KeyRef, *, digest_algorithm: str, digests: list[str],
-                   rsa_padding: str = "pkcs1v15") -> list[str]:
-        body = {"digestAlgorithm": digest_algorithm, "digests": digests, "rsaPadding": rsa_padding}
-        return (await self._call("POST", key.path + "/sign", body))["signatures"]
 
     async def sign_request(self, *, namespace: str, name: str, uid: str, digests: str) -> dict[str, Any]:
         """Have the signer check and sign a SignRequest; ``digests`` is the fingerprint of what the caller saw.
@@ -127,6 +108,10 @@ class SignerClient:
         audit {index, entryHash}; calling again returns the same answer.
         """
         return await self._call("POST", f"/v1/requests/{namespace}/{name}/{uid}/sign", {"digests": digests})
+
+    async def request_outcome(self, *, namespace: str, name: str, uid: str) -> dict[str, Any]:
+        """The signer's record of a request: {"state": "Signed", ...the signatures} or Signing or Unsigned."""
+        return await self._call("GET", f"/v1/requests/{namespace}/{name}/{uid}")
 
     async def close(self) -> None:
         if self._session is not None:

@@ -1,12 +1,16 @@
-"""Signing SignRequests: the signer decides too, and signs each request at most once.
+"""The signer's authority: every private-key operation, derived from objects it reads itself.
 
-The operator names a request (namespace, name, UID) and the digests it saw.
-The signer does not take its word for anything: it reads the SignRequest, its
-SigningKey and the namespace's SigningPolicies from the API server with its
-own read-only identity, checks that the UID and the digests are those the
-operator named, and runs the same policy engine (``keyroom.policy.decide``).
-Only when that says Approved does it sign. A compromised operator alone can
-therefore not obtain a signature.
+The operator only names objects. For a SigningKey ("reconcile team-a/release,
+uid U") the signer reads the key's spec and applies it to its own record
+(:mod:`keyroom.signer.keys`): generation, rotation, the keepVersions trim,
+destruction at its own ``destroyAt``. For a SignRequest (namespace, name, UID
+and the digests the operator saw) it reads the request, the namespace's keys
+and policies with its own read-only identity, checks the UID and the digests,
+and runs the same policy engine as the operator (``keyroom.policy.decide``)
+on metadata and spec only, with what its own record says of the key's
+material. Only when that says Approved does it sign. No status is read, so a
+compromised operator alone cannot obtain a signature, a retired version or a
+second use of a one-time key.
 
 Exactly once: before the first ``C_Sign`` of a request the signer appends an
 Intent entry to its audit log; after the last, it stores the signatures
@@ -16,29 +20,52 @@ stored signatures back and nothing is signed again. An intent left open by a
 crash is resolved at start-up, never re-signed blindly: if the signatures were
 stored, the Signed entry is completed from them; if not, no signature left the
 signer, and an Abandoned entry records that before the request may be tried
-again. Calls for one request are serialised; one-time keys are serialised per
-key, so two requests cannot both consume one.
+again. Calls for one request are serialised; everything touching one key
+(one-time consumption, new versions, destruction) is serialised per key.
+
+The log fails closed: it must match its checkpoint (a ConfigMap only the
+signer writes), and signing stops when the checkpoint falls more than
+``MAX_UNCHECKPOINTED`` entries behind. Only an administrator's explicit
+new-chain instruction starts a new chain after a failure.
 """
 from __future__ import annotations
 
 import asyncio
 import base64
+import collections
 import datetime
+import hashlib
 import logging
 import pathlib
 import time
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, Mapping
 
 import kubernetes
+from cryptography.hazmat.primitives import serialization
 
 from keyroom import kubeclient, policy
 from keyroom.api.common import GROUP, VERSION
-from keyroom.signer import audit, hsm
+from keyroom.signer import audit, hsm, keys
 from keyroom.signer.client import digests_fingerprint
 
 logger = logging.getLogger("keyroom.signer")
 
 _CHECKPOINT_INTERVAL = 1.0
+#: how far (in entries) the log may run ahead of its checkpoint before the signer stops signing: about two
+#: minutes of a busy signer whose checkpoint writes fail, small enough that a cut is noticed
+MAX_UNCHECKPOINTED = 256
+#: a key reconcile takes at most this many steps (each a token operation or a log entry) per call
+_MAX_STEPS = 16
+#: requests whose last "not yet" refusal is remembered (to audit a waiting request once per reason)
+_MAX_WAITING = 100_000
+
+
+def public_key_document(der: bytes) -> dict[str, str]:
+    pem = serialization.load_der_public_key(der).public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode()
+    return {"publicKey": pem, "fingerprint": "sha256:" + hashlib.sha256(der).hexdigest()}
+
+
 
 
 class Refused(Exception):
@@ -52,7 +79,7 @@ class Refused(Exception):
 
 
 class ClusterReader:
-    """The signer's read-only view of the API server, and the checkpoint ConfigMap it writes."""
+    """The signer's read-only view of the API server, its checkpoint ConfigMap and the new-chain instruction."""
 
     def __init__(self, *, namespace: str) -> None:
         self.namespace = namespace
@@ -73,27 +100,40 @@ class ClusterReader:
                 return None
             raise
 
-    async def request_key_policies(self, namespace: str, name: str) -> tuple[dict | None, dict | None, list[dict]]:
-        """The SignRequest, its SigningKey and the namespace's SigningPolicies, read fresh and concurrently."""
-        request_read = asyncio.to_thread(self._get, "signrequests", namespace, name)
-        policies_read = asyncio.to_thread(
-            lambda: self._apis()[0].list_namespaced_custom_object(GROUP, VERSION, namespace,
-                                                                  "signingpolicies")["items"])
-        request, policies = await asyncio.gather(request_read, policies_read)
-        key = None
-        if request is not None:
-            key = await asyncio.to_thread(self._get, "signingkeys", namespace, request["spec"]["keyRef"]["name"])
-        return request, key, policies
+    def _list(self, plural: str, namespace: str) -> list[dict]:
+        return self._apis()[0].list_namespaced_custom_object(GROUP, VERSION, namespace, plural)["items"]
 
-    def read_checkpoint(self) -> audit.Head | None:
+    async def request_keys_policies(self, namespace: str, name: str) -> tuple[dict | None, list[dict], list[dict]]:
+        """The SignRequest, the namespace's SigningKeys and its SigningPolicies, read fresh and concurrently."""
+        return await asyncio.gather(asyncio.to_thread(self._get, "signrequests", namespace, name),
+                                    asyncio.to_thread(self._list, "signingkeys", namespace),
+                                    asyncio.to_thread(self._list, "signingpolicies", namespace))
+
+    async def key(self, namespace: str, name: str) -> dict | None:
+        return await asyncio.to_thread(self._get, "signingkeys", namespace, name)
+
+    def _config_map(self, name: str) -> dict[str, str] | None:
         try:
-            found = self._apis()[1].read_namespaced_config_map(audit.CHECKPOINT_NAME, self.namespace)
+            found = self._apis()[1].read_namespaced_config_map(name, self.namespace)
         except kubernetes.client.ApiException as error:
             if error.status == 404:
                 return None
             raise
-        data = found.data or {}
-        return audit.Head(int(data["index"]), data["entryHash"]) if "index" in data else None
+        return dict(found.data or {})
+
+    def read_checkpoint(self) -> audit.Head | None:
+        """The checkpointed head; None when there is no checkpoint. A checkpoint that says nothing fails."""
+        data = self._config_map(audit.CHECKPOINT_NAME)
+        if data is None:
+            return None
+        try:
+            return audit.Head(int(data["index"]), str(data["entryHash"]))
+        except (KeyError, ValueError):
+            raise audit.AuditError(f"the checkpoint ConfigMap {audit.CHECKPOINT_NAME} holds no valid index and "
+                                   "entryHash: it was emptied or edited") from None
+
+    def read_new_chain(self) -> dict[str, str] | None:
+        return self._config_map(audit.NEW_CHAIN_NAME)
 
     def write_checkpoint(self, head: audit.Head) -> None:
         body = {"metadata": {"name": audit.CHECKPOINT_NAME, "labels": {"app.kubernetes.io/part-of": "keyroom"}},
@@ -108,15 +148,39 @@ class ClusterReader:
             core.create_namespaced_config_map(self.namespace, body)
 
 
+def _strip_status(body: Mapping | None) -> dict | None:
+    """An object as the signer may decide on it: metadata and spec, never status."""
+    if body is None:
+        return None
+    return {"metadata": body.get("metadata") or {}, "spec": body.get("spec") or {}}
+
+
+def key_state(record: keys.KeyRecord | None) -> policy.KeyState:
+    """What the signer's own record says of a key's material."""
+    if record is None:
+        return policy.KeyState(current_version=None)
+    current = record.current
+    consumed = record.consumed_by
+    return policy.KeyState(
+        current_version=current.version if current else None,
+        consumed_by=(consumed["name"], consumed["uid"]) if consumed else (),
+        destroyed=bool(record.versions) and all(v.state == "Destroyed" and not v.missing
+                                                for v in record.versions.values()),
+        missing_versions=tuple(sorted(v.version for v in record.versions.values() if v.missing)))
+
+
 class RequestSigner:
-    """Checks, signs and records SignRequests; one per signer process."""
+    """The signer's authority: its log, and every private-key operation derived from objects it reads itself."""
 
     def __init__(self, *, state_dir: pathlib.Path, reader: ClusterReader,
                  in_token: Callable[[str, Callable[[hsm.Token], Any]], Awaitable[Any]],
-                 keep_results: datetime.timedelta = datetime.timedelta(days=30)) -> None:
+                 keep_results: datetime.timedelta = datetime.timedelta(days=30),
+                 max_unchecked: int = MAX_UNCHECKPOINTED) -> None:
         self.state_dir = state_dir
         #: how long signatures are kept for retries (well beyond any finished request's TTL)
         self.keep_results = keep_results
+        #: how many entries the log may run ahead of its checkpoint before signing stops
+        self.max_unchecked = max_unchecked
         self.reader = reader
         self._in_token = in_token
         self.log: audit.AuditLog | None = None
@@ -124,24 +188,37 @@ class RequestSigner:
         self._locks: dict[str, asyncio.Lock] = {}
         self._head_changed = asyncio.Event()
         self._checkpointed: audit.Head | None = None
+        #: the last "not yet" refusal audited per request, so that retries do not grow the log
+        self._waiting: collections.OrderedDict[str, str] = collections.OrderedDict()
 
     # ------------------------------------------------------------ start-up and checkpoint
 
-    async def open(self) -> None:
-        """Verify the log against the checkpoint, then resolve intents a crash left open. Retries until done."""
+    async def open(self, *, retry_seconds: float = 5.0) -> None:
+        """Verify the log against its checkpoint, then resolve intents a crash left open.
+
+        A log that fails verification keeps the signer refusing (health says
+        why) until an administrator's new-chain instruction names the
+        checkpoint it sees; the signer looks for one every few seconds.
+        """
         while self.log is None:
             try:
                 checkpoint = await asyncio.to_thread(self.reader.read_checkpoint)
-                self.log = await asyncio.to_thread(audit.AuditLog, self.state_dir, checkpoint=checkpoint)
-                self._checkpointed = checkpoint
-            except audit.AuditError as error:
-                self.error = f"the audit log failed verification: {error}"
-                logger.error("%s; refusing to sign until it is repaired", self.error)
-                return
-            except Exception as error:  # API server unreachable: cannot check the checkpoint yet
-                self.error = f"cannot read the audit checkpoint: {type(error).__name__}"
+                try:
+                    self.log = await asyncio.to_thread(audit.AuditLog, self.state_dir, checkpoint=checkpoint)
+                    self._checkpointed = checkpoint
+                except audit.AuditError as failure:
+                    if not await self._new_chain_if_instructed(checkpoint, failure):
+                        raise
+            except audit.AuditError as failure:
+                message = f"the audit log failed verification: {failure}"
+                if message != self.error:
+                    logger.error("%s; refusing to sign until an administrator starts a new chain", message)
+                self.error = message
+                await asyncio.sleep(retry_seconds)
+            except Exception as failure:  # API server unreachable: cannot check the checkpoint yet
+                self.error = f"cannot read the audit checkpoint: {type(failure).__name__}"
                 logger.warning("%s; retrying", self.error)
-                await asyncio.sleep(2)
+                await asyncio.sleep(retry_seconds)
         for uid, record in list(self.log.requests.items()):
             if record.open_intent:
                 self._resolve(uid, record)
@@ -152,6 +229,25 @@ class RequestSigner:
         self._head_changed.set()
         logger.info("audit log verified: %s entries", self.log.head.index + 1 if self.log.head else 0)
 
+    async def _new_chain_if_instructed(self, checkpoint: audit.Head | None, failure: audit.AuditError) -> bool:
+        instruction = await asyncio.to_thread(self.reader.read_new_chain)
+        if not instruction or instruction.get("supersedes") != audit.checkpoint_text(checkpoint):
+            return False
+        log = await asyncio.to_thread(audit.start_new_chain, self.state_dir, checkpoint=checkpoint,
+                                      reason=instruction.get("reason", ""),
+                                      instruction={**instruction, "failure": str(failure)})
+        try:
+            # The new chain counts only once its checkpoint is written: otherwise the next start would
+            # see a log that does not match the old checkpoint and refuse again, which is the safe side.
+            await asyncio.to_thread(self.reader.write_checkpoint, log.head)
+        except Exception:
+            log.close()
+            raise
+        self.log, self._checkpointed = log, log.head
+        logger.warning("started a new audit chain as instructed (%s); the old log was kept aside",
+                       instruction.get("reason", ""))
+        return True
+
     def _resolve(self, uid: str, record: audit.RequestRecord) -> None:
         """An intent without a result: complete it from stored signatures, or record that none left."""
         result = self.log.load_result(uid)
@@ -159,10 +255,17 @@ class RequestSigner:
             self._append_signed(record.intent, result)
             logger.info("completed the record of %s from its stored signatures", uid)
         else:
-            self.log.append("Abandoned", request=record.intent["request"], intent=record.intent["index"],
-                            message="the signer stopped between intent and result; no signature was stored "
-                                    "or returned, so the request may be signed again")
+            self._abandon(record.intent, "the signer stopped between intent and result; no signature was stored "
+                                         "or returned, so the request may be signed again")
             logger.warning("abandoned the unfinished attempt %d for %s", record.intent["index"], uid)
+
+    def _append(self, event: str, **fields: Any) -> dict:
+        entry = self.log.append(event, **fields)
+        self._head_changed.set()
+        return entry
+
+    def _abandon(self, intent: dict, message: str) -> None:
+        self._append("Abandoned", request=intent["request"], intent=intent["index"], message=message)
 
     async def keep_checkpoint(self) -> None:
         """Write the chain head to the checkpoint ConfigMap whenever it moved, at most once a second."""
@@ -179,19 +282,164 @@ class RequestSigner:
                     self._head_changed.set()
             await asyncio.sleep(_CHECKPOINT_INTERVAL)
 
-    # ------------------------------------------------------------ signing
+    def _check_open(self) -> None:
+        """Refuse while the log is not verified, or has run too far ahead of its checkpoint."""
+        if self.log is None or self.error:
+            raise Refused("AuditLogUnavailable", self.error or "the audit log is not open", status=503)
+        head, checkpointed = self.log.head, self._checkpointed
+        behind = (head.index if head else -1) - (checkpointed.index if checkpointed else -1)
+        if behind > self.max_unchecked:
+            raise Refused("CheckpointBehind", f"the audit log is {behind} entries ahead of its checkpoint (at most "
+                                              f"{self.max_unchecked}); signing resumes once the checkpoint is "
+                                              "written", status=503)
+
+    def _lock(self, name: str) -> asyncio.Lock:
+        return self._locks.setdefault(name, asyncio.Lock())
+
+    def _unlock_idle(self, name: str, lock: asyncio.Lock) -> None:
+        if not lock._waiters:  # noqa: SLF001  (drop idle locks so the dict stays small)
+            self._locks.pop(name, None)
+
+    # ------------------------------------------------------------ keys
+
+    async def reconcile_key(self, *, namespace: str, name: str, uid: str) -> dict:
+        """Bring the signer's record of one SigningKey in line with its spec and the clock; return the record."""
+        self._check_open()
+        lock_name = "key:" + uid
+        lock = self._lock(lock_name)
+        async with lock:
+            try:
+                return await self._reconcile_key_locked(namespace=namespace, name=name, uid=uid)
+            finally:
+                self._unlock_idle(lock_name, lock)
+
+    async def _reconcile_key_locked(self, *, namespace: str, name: str, uid: str) -> dict:
+        try:
+            body = await self.reader.key(namespace, name)
+        except Exception as error:
+            raise Refused("ApiServerUnavailable", f"cannot read the SigningKey: {type(error).__name__}",
+                          status=503) from None
+        if body is not None and body["metadata"]["uid"] != uid:
+            body = None  # another object under the same name: this UID's key is gone
+        record = self.log.keys.get(uid)
+        if body is None and record is None:
+            raise Refused("KeyNotFound", f"no SigningKey {namespace}/{name} with UID {uid}", status=404)
+        spec = (body or {}).get("spec")
+        if record is None:
+            record = keys.KeyRecord(namespace, name, uid)
+            if self.log.restarted:
+                await self._adopt(record, spec)
+                record = self.log.keys.get(uid, record)
+        record.namespace, record.name = namespace, name
+        meta = (body or {}).get("metadata") or {}
+        deleted = body is None or bool(meta.get("deletionTimestamp"))
+        annotations = meta.get("annotations") or {}
+        for _ in range(_MAX_STEPS):
+            action = keys.next_action(spec=spec, annotations=annotations, deleted=deleted, record=record,
+                                      at=datetime.datetime.now(datetime.timezone.utc))
+            if action is None:
+                break
+            await self._act(action, record, spec)
+            record = self.log.keys[uid]
+        await self._check_material(record)
+        record = self.log.keys.get(uid, record)
+        answer = keys.mirror(record, spec=spec)
+        retained = deleted and (spec or {}).get("deletionPolicy") == "Retain"
+        answer.update(deleted=deleted, finished=deleted and (retained or all(
+            v.state == "Destroyed" for v in record.versions.values())))
+        return answer
+
+    def _key_ref(self, record: keys.KeyRecord) -> dict:
+        return {"namespace": record.namespace, "name": record.name, "uid": record.uid}
+
+    def _handle(self, record: keys.KeyRecord, version: int) -> hsm.KeyHandle:
+        return hsm.KeyHandle(namespace=record.namespace, name=record.name, uid=record.uid, version=version)
+
+    async def _act(self, action: keys.Action, record: keys.KeyRecord, spec: Mapping | None) -> None:
+        ref, version = self._key_ref(record), action.version
+        if action.kind == "generate":
+            handle, algorithm = self._handle(record, version), spec["algorithm"]
+            try:
+                der = await self._in_token("generate", lambda token: token.generate(handle, algorithm=algorithm))
+            except hsm.HSMError as error:
+                if error.reason != "KeyExists":
+                    raise
+                # generated before a crash that came before its log entry: this number is ours, take it
+                der = await self._in_token("public_key", lambda token: token.public_key(handle))
+            document = public_key_document(der)
+            self._append("KeyVersionGenerated", key=ref, version=version, algorithm=algorithm,
+                         usage=spec.get("usage", "Reusable"), reason=action.reason,
+                         rotationRequest=action.rotation_request, **document)
+            logger.info("generated %s (%s)", handle.label, action.reason)
+        elif action.kind == "disable":
+            self._append("KeyVersionDisabled", key=ref, version=version, reason=action.reason)
+        elif action.kind == "schedule":
+            self._append("KeyDestructionScheduled", key=ref, version=version, reason=action.reason,
+                         delay=(spec or {}).get("destructionDelay") or keys.DEFAULT_DESTRUCTION_DELAY)
+        elif action.kind == "cancel":
+            self._append("KeyDestructionCancelled", key=ref, version=version, reason=action.reason)
+        elif action.kind == "destroy":
+            handle = self._handle(record, version)
+            destroyed = await self._in_token("destroy", lambda token: token.destroy(handle))
+            self._append("KeyVersionDestroyed", key=ref, version=version, found=destroyed)
+            logger.info("destroyed %s (%s)", handle.label, action.reason)
+        else:
+            raise AssertionError(f"unknown action {action.kind}")
+
+    async def _check_material(self, record: keys.KeyRecord) -> None:
+        """The current version's private key must still be in the token; record it when it is not."""
+        current = record.current
+        if current is None:
+            return
+        handle = self._handle(record, current.version)
+        try:
+            await self._in_token("find", lambda token: token.key_attributes(handle))
+        except hsm.HSMError as error:
+            if error.reason != "KeyNotFound":
+                raise
+            self._missing(record, current.version)
+
+    def _missing(self, record: keys.KeyRecord, version: int) -> None:
+        self._append("KeyVersionMissing", key=self._key_ref(record), version=version,
+                     message="the private key is not in the token: it was destroyed outside keyroom")
+        logger.error("%s is missing from the token", self._handle(record, version).label)
+
+    async def _adopt(self, record: keys.KeyRecord, spec: Mapping | None) -> None:
+        """After a new chain: take the key's versions from the token (newest enabled, the rest disabled)."""
+        objects = await self._in_token("list", lambda token: token.list_objects())
+        numbers = sorted({o.handle.version for o in objects
+                          if o.handle is not None and o.handle.uid == record.uid and o.object_class == "private_key"})
+        ref = self._key_ref(record)
+        for number in numbers:
+            handle = self._handle(record, number)
+            der = await self._in_token("public_key", lambda token: token.public_key(handle))
+            self._append("KeyVersionGenerated", key=ref, version=number, algorithm=(spec or {}).get("algorithm", ""),
+                         usage=(spec or {}).get("usage", "Reusable"), reason="Adopted", **public_key_document(der))
+        for number in numbers[:-1]:
+            self._append("KeyVersionDisabled", key=ref, version=number, reason="Adopted")
+
+    # ------------------------------------------------------------ requests
 
     def _append_signed(self, intent: dict, result: dict) -> dict:
-        entry = self.log.append(
+        return self._append(
             "Signed", request=intent["request"], key=intent["key"], intent=intent["index"],
             signatures=[{"name": s["name"], "hash": audit.digest_of(base64.b64decode(s["value"]))}
                         for s in result["signatures"]])
-        self._head_changed.set()
-        return entry
 
-    def _refuse(self, reason: str, message: str, *, request_ref: dict, status: int = 403, **fields: Any) -> Refused:
-        entry = self.log.append("Refused", request=request_ref, reason=reason, message=message, **fields)
-        self._head_changed.set()
+    def _refuse(self, reason: str, message: str, *, request_ref: dict, status: int = 403, waiting: bool = False,
+                **fields: Any) -> Refused:
+        """A refusal, audited; a "not yet" refusal only when its reason changed since the last one audited."""
+        uid = request_ref["uid"]
+        if waiting and self._waiting.get(uid) == reason:
+            return Refused(reason, message, status=status)
+        entry = self._append("Refused", request=request_ref, reason=reason, message=message, **fields)
+        if waiting:
+            self._waiting[uid] = reason
+            self._waiting.move_to_end(uid)
+            while len(self._waiting) > _MAX_WAITING:
+                self._waiting.popitem(last=False)
+        else:
+            self._waiting.pop(uid, None)
         logger.warning("refused %s/%s: %s (%s)", request_ref["namespace"], request_ref["name"], message, reason)
         return Refused(reason, message, status=status, entry=entry)
 
@@ -199,17 +447,29 @@ class RequestSigner:
     def _answer(result: dict, entry: dict) -> dict:
         return {**result, "audit": {"index": entry["index"], "entryHash": entry["hash"]}}
 
+    def outcome(self, uid: str) -> dict:
+        """What the signer's record says of a request: Signed (with the signatures), Signing or Unsigned."""
+        self._check_open()
+        record = self.log.requests.get(uid)
+        if record is None or (record.signed is None and not record.open_intent):
+            return {"state": "Unsigned"}
+        if record.signed is None:
+            return {"state": "Signing"}
+        result = self.log.load_result(uid)
+        if result is None:
+            return {"state": "Signed", "audit": {"index": record.signed["index"],
+                                                 "entryHash": record.signed["hash"]}}
+        return {"state": "Signed", **self._answer(result, record.signed)}
+
     async def sign(self, *, namespace: str, name: str, uid: str, fingerprint: str) -> dict:
         """Sign the request once; repeated calls return the same signatures."""
-        if self.log is None or self.error:
-            raise Refused("AuditLogUnavailable", self.error or "the audit log is not open", status=503)
-        lock = self._locks.setdefault(uid, asyncio.Lock())
+        self._check_open()
+        lock = self._lock(uid)
         async with lock:
             try:
                 return await self._sign_locked(namespace=namespace, name=name, uid=uid, fingerprint=fingerprint)
             finally:
-                if not lock._waiters:  # noqa: SLF001  (drop idle locks so the dict stays small)
-                    self._locks.pop(uid, None)
+                self._unlock_idle(uid, lock)
 
     async def _sign_locked(self, *, namespace: str, name: str, uid: str, fingerprint: str) -> dict:
         record = self.log.requests.get(uid)
@@ -226,63 +486,79 @@ class RequestSigner:
 
         request_ref = {"namespace": namespace, "name": name, "uid": uid}
         try:
-            request, key, policies = await self.reader.request_key_policies(namespace, name)
+            request, namespace_keys, policies = await self.reader.request_keys_policies(namespace, name)
         except Exception as error:  # never sign on a view that could not be read
             raise Refused("ApiServerUnavailable", f"cannot read the request from the API server: "
                                                   f"{type(error).__name__}", status=503) from None
         if request is None or request["metadata"]["uid"] != uid:
             raise self._refuse("RequestNotFound", f"no SignRequest {namespace}/{name} with UID {uid}",
                                request_ref=request_ref, status=404)
-        spec, status = request["spec"], request.get("status") or {}
+        request = _strip_status(request)
+        spec = request["spec"]
         if digests_fingerprint(spec) != fingerprint:
             raise self._refuse("DigestsMismatch", "the digests the operator named differ from the SignRequest's",
                                request_ref=request_ref, status=409)
-        if status.get("phase") in ("Signed", "Denied", "Expired", "Failed"):
-            raise self._refuse("RequestFinished", f"the request is already {status['phase']}",
-                               request_ref=request_ref, status=409)
+        key = _strip_status(next((k for k in namespace_keys if k["metadata"]["name"] == spec["keyRef"]["name"]),
+                                 None))
         key_meta = (key or {}).get("metadata") or {}
-        one_time = (key or {}).get("spec", {}).get("usage") == "OneTime"
-        lock = self._locks.setdefault("key:" + key_meta["uid"], asyncio.Lock()) if one_time else None
-        if lock is not None:
-            await lock.acquire()
+        key_lock_name = "key:" + key_meta.get("uid", "")
+        key_lock = self._lock(key_lock_name)
+        async with key_lock:  # one-time consumption and version changes are serialised per key
+            try:
+                return await self._sign_checked(request, key, namespace_keys, policies, request_ref)
+            finally:
+                self._unlock_idle(key_lock_name, key_lock)
+
+    async def _sign_checked(self, request: dict, key: dict | None, namespace_keys: list[dict],
+                            policies: list[dict], request_ref: dict) -> dict:
+        namespace, name, uid = request_ref["namespace"], request_ref["name"], request_ref["uid"]
+        spec = request["spec"]
+        now = datetime.datetime.now(datetime.timezone.utc)
+        key_meta = (key or {}).get("metadata") or {}
+        record = self.log.keys.get(key_meta.get("uid", "")) if key else None
+        recent = [policy.Signature(at, key_name, count)
+                  for at, key_name, count in self.log.recent_signatures(namespace, since=now - policy.RATE_WINDOW)]
+        labels = {k["metadata"]["name"]: dict(k["metadata"].get("labels") or {}) for k in namespace_keys}
+        decision = policy.decide(request, key=key, key_state=key_state(record), policies=policies, at=now,
+                                 recent=recent, key_labels=labels)
+        if decision.phase != "Approved":
+            raise self._refuse(decision.reason, decision.message, request_ref=request_ref,
+                               waiting=decision.phase == "Pending")
+        key_info = {"name": key_meta["name"], "uid": key_meta["uid"], "version": decision.key_version,
+                    "usage": key["spec"].get("usage", "Reusable")}
+        intent = self._append(
+            "Intent", request=request_ref, requester=spec["requester"]["username"],
+            approvers=[a["user"] for a in decision.approvals if a["counted"] and a["decision"] == "Approve"],
+            policies=list(decision.policies), key=key_info, reason=spec.get("reason", ""),
+            digestAlgorithm=spec.get("digestAlgorithm", "SHA256"),
+            digests=[{"name": d["name"], "value": d["value"].lower()} for d in spec["digests"]])
+        self._waiting.pop(uid, None)
+        handle = hsm.KeyHandle(namespace=namespace, name=key_meta["name"], uid=key_meta["uid"],
+                               version=decision.key_version)
+        algorithm = spec.get("digestAlgorithm", "SHA256")
+        values = [bytes.fromhex(d["value"]) for d in spec["digests"]]
+        started = time.perf_counter()
         try:
-            now = datetime.datetime.now(datetime.timezone.utc)
-            recent = [policy.Signature(at, key_name, count)
-                      for at, key_name, count in self.log.recent_signatures(namespace, since=now - policy.RATE_WINDOW)]
-            # The signer knows only this key's labels: signatures of other keys count under the key's own labels.
-            decision = policy.decide(request, key=key, policies=policies, at=now, recent=recent)
-            consumed_by = self.log.consumed.get(key_meta.get("uid", ""))
-            if decision.phase == "Approved" and one_time and consumed_by not in (None, uid):
-                decision = policy.Decision("Failed", "KeyConsumed", f"one-time key {key_meta['name']} already signed "
-                                                                    f"request {consumed_by}")
-            if decision.phase != "Approved":
-                raise self._refuse(decision.reason, decision.message, request_ref=request_ref)
-            key_info = {"name": key_meta["name"], "uid": key_meta["uid"], "version": decision.key_version,
-                        "usage": key["spec"].get("usage", "Reusable")}
-            intent = self.log.append(
-                "Intent", request=request_ref, requester=spec["requester"]["username"],
-                approvers=[a["user"] for a in decision.approvals if a["counted"] and a["decision"] == "Approve"],
-                policies=list(decision.policies), key=key_info, reason=spec.get("reason", ""),
-                digestAlgorithm=spec.get("digestAlgorithm", "SHA256"),
-                digests=[{"name": d["name"], "value": d["value"].lower()} for d in spec["digests"]])
-            handle = hsm.KeyHandle(namespace=namespace, name=key_meta["name"], uid=key_meta["uid"],
-                                   version=decision.key_version)
-            algorithm = spec.get("digestAlgorithm", "SHA256")
-            values = [bytes.fromhex(d["value"]) for d in spec["digests"]]
-            started = time.perf_counter()
             # One session signs the batch: SoftHSM2 serialises signing, so sessions in parallel only add overhead.
             signatures = await self._in_token("sign", lambda token: [
                 token.sign(handle, digest=value, digest_algorithm=algorithm) for value in values])
-            result = {"intent": intent["index"], "keyVersion": decision.key_version,
-                      "signedAt": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-                      "signatures": [{"name": d["name"], "value": base64.b64encode(s).decode()}
-                                     for d, s in zip(spec["digests"], signatures)]}
-            self.log.store_result(uid, result)
-            entry = self._append_signed(intent, result)
-            logger.info("signed %s/%s: %d digest(s) with %s v%d in %.0f ms (audit entry %d)", namespace, name,
-                        len(values), key_meta["name"], decision.key_version, (time.perf_counter() - started) * 1e3,
-                        entry["index"])
-            return self._answer(result, entry)
-        finally:
-            if lock is not None:
-                lock.release()
+        except hsm.HSMError as error:
+            # Nothing left the signer: record that at once, so a retry starts cleanly.
+            self._abandon(intent, f"the HSM failed: {error.reason}; no signature was returned")
+            if error.reason != "KeyNotFound":
+                raise
+            self._missing(record, decision.key_version)
+            raise self._refuse("KeyMaterialMissing", f"key {key_meta['name']} version {decision.key_version} is "
+                                                     "missing from the HSM (destroyed outside keyroom?); a platform "
+                                                     "admin rotates the key to generate a new version",
+                               request_ref=request_ref, status=409) from None
+        result = {"intent": intent["index"], "keyVersion": decision.key_version,
+                  "signedAt": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+                  "signatures": [{"name": d["name"], "value": base64.b64encode(s).decode()}
+                                 for d, s in zip(spec["digests"], signatures)]}
+        await asyncio.to_thread(self.log.store_result, uid, result)
+        entry = self._append_signed(intent, result)
+        logger.info("signed %s/%s: %d digest(s) with %s v%d in %.0f ms (audit entry %d)", namespace, name,
+                    len(values), key_meta["name"], decision.key_version, (time.perf_counter() - started) * 1e3,
+                    entry["index"])
+        return self._answer(result, entry)

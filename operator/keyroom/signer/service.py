@@ -1,7 +1,10 @@
 """The signer service: the only process that holds an HSM session.
 
 It serves a small JSON API over TLS to exactly one caller, the keyroom
-operator. Every call but the health and metrics endpoints carries the caller's
+operator. Every route names an object (a SigningKey or a SignRequest by
+namespace, name and UID); the signer reads that object itself and decides
+(:mod:`keyroom.signer.requests`). No route signs bytes or digests a caller
+chose, generates or destroys on a caller's say-so, or names a key version. Every call but the health and metrics endpoints carries the caller's
 Kubernetes ServiceAccount token; the signer asks the API server (TokenReview,
 with the signer's own audience) who that is and accepts only the configured
 operator identity. No unauthenticated path reaches a key.
@@ -17,7 +20,6 @@ few failures.
 from __future__ import annotations
 
 import asyncio
-import base64
 import concurrent.futures
 import dataclasses
 import hashlib
@@ -31,10 +33,9 @@ from typing import Any, Awaitable, Callable
 import kubernetes
 import prometheus_client
 from aiohttp import web
-from cryptography.hazmat.primitives import serialization
 
 from keyroom import kubeclient
-from keyroom.signer import hsm, requests
+from keyroom.signer import audit, hsm, requests
 from keyroom.signer.client import SIGNER_AUDIENCE
 
 logger = logging.getLogger("keyroom.signer")
@@ -43,6 +44,7 @@ DEFAULT_AUDIENCE = SIGNER_AUDIENCE
 DEFAULT_CALLER = "system:serviceaccount:keyroom-system:keyroom-operator"
 _RETRY_OPEN_SECONDS = 10.0
 _AUTH_CACHE_SECONDS = 60.0
+_AUTH_CACHE_SIZE = 1024
 
 _STATUS_BY_REASON = {
     "KeyNotFound": 404, "KeyExists": 409, "InvalidRequest": 400, "TokenFull": 507,
@@ -121,7 +123,7 @@ class Authenticator:
         self.audience = audience
         self.allowed_callers = allowed_callers
         self._api = api
-        self._cache: dict[str, tuple[float, str | None]] = {}
+        self._cache: dict[str, tuple[float, str]] = {}
 
     def _review(self, token: str) -> str | None:
         if self._api is None:
@@ -134,24 +136,30 @@ class Authenticator:
         return status.user.username
 
     async def caller(self, token: str) -> str | None:
-        """The authenticated username behind the token, or None."""
+        """The authenticated username behind the token, or None.
+
+        Only successful reviews are cached, briefly and in a bounded map: a
+        refused token is reviewed again each time (so a token that becomes
+        valid works at once, and junk tokens cannot fill the memory).
+        """
         key = hashlib.sha256(token.encode()).hexdigest()
+        now = time.monotonic()
         cached = self._cache.get(key)
-        if cached and cached[0] > time.monotonic():
+        if cached and cached[0] > now:
             return cached[1]
         username = await asyncio.to_thread(self._review, token)
-        self._cache[key] = (time.monotonic() + _AUTH_CACHE_SECONDS, username)
+        if username is not None:
+            if len(self._cache) >= _AUTH_CACHE_SIZE:
+                for stale in [k for k, (expires, _) in self._cache.items() if expires <= now]:
+                    del self._cache[stale]
+                while len(self._cache) >= _AUTH_CACHE_SIZE:
+                    del self._cache[next(iter(self._cache))]
+            self._cache[key] = (now + _AUTH_CACHE_SECONDS, username)
         return username
 
 
 def _error(status: int, reason: str, message: str) -> web.Response:
     return web.json_response({"reason": reason, "message": message}, status=status)
-
-
-def public_key_document(der: bytes) -> dict[str, str]:
-    pem = serialization.load_der_public_key(der).public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode()
-    return {"publicKey": pem, "fingerprint": "sha256:" + hashlib.sha256(der).hexdigest()}
 
 
 class Signer:
@@ -168,6 +176,7 @@ class Signer:
                                                                thread_name_prefix="pkcs11")
         self._opener: asyncio.Task | None = None
         self._background: list[asyncio.Task] = []
+        self.state_lock = audit.lock_state_dir(pathlib.Path(config.state_dir))  # StateLocked: one signer per state
         self.requests = requests.RequestSigner(state_dir=pathlib.Path(config.state_dir),
                                                reader=requests.ClusterReader(namespace=config.namespace),
                                                in_token=self._in_token)
@@ -242,12 +251,6 @@ class Signer:
             self.metrics.requests.labels(operation, "InvalidRequest").inc()
             return _error(400, "InvalidRequest", f"malformed request: {error}")
 
-    @staticmethod
-    def _handle(request: web.Request) -> hsm.KeyHandle:
-        info = request.match_info
-        return hsm.KeyHandle(namespace=info["namespace"], name=info["name"], uid=info["uid"],
-                             version=int(info["version"]))
-
     async def health(self, request: web.Request) -> web.Response:
         if self.token is not None and self.requests.error is not None:
             return _error(503, "AuditLogUnavailable", self.requests.error)
@@ -261,36 +264,6 @@ class Signer:
         return web.Response(body=prometheus_client.generate_latest(self.metrics.registry),
                             headers={"Content-Type": prometheus_client.CONTENT_TYPE_LATEST})
 
-    async def generate(self, request: web.Request) -> web.Response:
-        """Generate a version's key pair; calling again for the same version returns the same key."""
-        async def call():
-            handle = self._handle(request)
-            algorithm = (await request.json())["algorithm"]
-            try:
-                der = await self._in_token("generate", lambda t: t.generate(handle, algorithm=algorithm))
-                logger.info("generated %s", handle.label)
-            except hsm.HSMError as error:
-                if error.reason != "KeyExists":
-                    raise
-                der = await self._in_token("public_key", lambda t: t.public_key(handle))
-            return web.json_response(public_key_document(der))
-        return await self._run("generate", call)
-
-    async def public_key(self, request: web.Request) -> web.Response:
-        async def call():
-            handle = self._handle(request)
-            return web.json_response(public_key_document(
-                await self._in_token("public_key", lambda t: t.public_key(handle))))
-        return await self._run("public_key", call)
-
-    async def destroy(self, request: web.Request) -> web.Response:
-        async def call():
-            handle = self._handle(request)
-            destroyed = await self._in_token("destroy", lambda t: t.destroy(handle))
-            logger.info("destroyed %s" if destroyed else "%s was already destroyed", handle.label)
-            return web.json_response({"destroyed": destroyed})
-        return await self._run("destroy", call)
-
     async def list_objects(self, request: web.Request) -> web.Response:
         async def call():
             objects = await self._in_token("list", lambda t: t.list_objects())
@@ -299,49 +272,65 @@ class Signer:
                  "key": dataclasses.asdict(o.handle) if o.handle else None} for o in objects]})
         return await self._run("list", call)
 
-    async def sign(self, request: web.Request) -> web.Response:
-        """Sign digests with one key version: {"digestAlgorithm", "digests": [hex], "rsaPadding"}."""
+    @staticmethod
+    def _named(request: web.Request) -> dict[str, str]:
+        """The object a call names: namespace, name and UID, checked for shape before anything is read."""
+        info = request.match_info
+        hsm.KeyHandle(namespace=info["namespace"], name=info["name"], uid=info["uid"], version=0)  # ValueError
+        return {"namespace": info["namespace"], "name": info["name"], "uid": info["uid"]}
+
+    async def _refusable(self, operation: str, call: Callable[[], Awaitable[dict]]) -> web.Response:
+        try:
+            return web.json_response(await call())
+        except requests.Refused as refusal:
+            self.metrics.requests.labels(operation, refusal.reason).inc()
+            entry = refusal.entry
+            return web.json_response({"reason": refusal.reason, "message": str(refusal), **(
+                {"audit": {"index": entry["index"], "entryHash": entry["hash"]}} if entry else {})},
+                status=refusal.status)
+
+    async def reconcile_key(self, request: web.Request) -> web.Response:
+        """Apply a SigningKey's spec (read by the signer) and the clock to the signer's record; answer the record."""
         async def call():
-            handle = self._handle(request)
-            body = await request.json()
-            digests = [bytes.fromhex(d) for d in body["digests"]]
-            algorithm, padding = body["digestAlgorithm"], body.get("rsaPadding", "pkcs1v15")
-            signatures = await self._in_token("sign", lambda t: [
-                t.sign(handle, digest=d, digest_algorithm=algorithm, rsa_padding=padding) for d in digests])
-            self.metrics.signatures.inc(len(signatures))
-            return web.json_response({"signatures": [base64.b64encode(s).decode() for s in signatures]})
-        return await self._run("sign", call)
+            named = self._named(request)
+            return await self._refusable("reconcile_key", lambda: self.requests.reconcile_key(**named))
+        return await self._run("reconcile_key", call)
 
     async def sign_request(self, request: web.Request) -> web.Response:
         """Sign a SignRequest after checking it against the API server: {"digests": "sha256:..."}."""
         async def call():
-            info = request.match_info
+            named = self._named(request)
             body = await request.json()
-            try:
-                result = await self.requests.sign(namespace=info["namespace"], name=info["name"], uid=info["uid"],
-                                                  fingerprint=body["digests"])
-            except requests.Refused as refusal:
-                self.metrics.requests.labels("sign_request", refusal.reason).inc()
-                entry = refusal.entry
-                return web.json_response({"reason": refusal.reason, "message": str(refusal), **(
-                    {"audit": {"index": entry["index"], "entryHash": entry["hash"]}} if entry else {})},
-                    status=refusal.status)
-            self.metrics.signatures.inc(len(result["signatures"]))
-            return web.json_response(result)
+            if not isinstance(body, dict) or not isinstance(body.get("digests"), str):
+                raise ValueError('the body is {"digests": "sha256:..."}')
+
+            async def sign() -> dict:
+                result = await self.requests.sign(**named, fingerprint=body["digests"])
+                self.metrics.signatures.inc(len(result["signatures"]))
+                return result
+            return await self._refusable("sign_request", sign)
         return await self._run("sign_request", call)
+
+    async def request_outcome(self, request: web.Request) -> web.Response:
+        """What the signer's record says of a request (Signed with its signatures, Signing or Unsigned)."""
+        async def call():
+            uid = self._named(request)["uid"]
+
+            async def outcome() -> dict:
+                return self.requests.outcome(uid)
+            return await self._refusable("request_outcome", outcome)
+        return await self._run("request_outcome", call)
 
     def application(self) -> web.Application:
         app = web.Application(middlewares=[self._authenticate], client_max_size=4 * 1024 * 1024)
-        key = "/v1/keys/{namespace}/{name}/{uid}/{version:[0-9]+}"
+        # Every route names an object; none takes bytes to sign, a key version, or an order to destroy.
         app.add_routes([
             web.get("/healthz", self.health),
             web.get("/metrics", self.metrics_endpoint),
             web.get("/v1/keys", self.list_objects),
-            web.put(key, self.generate),
-            web.get(key, self.public_key),
-            web.delete(key, self.destroy),
-            web.post(key + "/sign", self.sign),
+            web.post("/v1/keys/{namespace}/{name}/{uid}/reconcile", self.reconcile_key),
             web.post("/v1/requests/{namespace}/{name}/{uid}/sign", self.sign_request),
+            web.get("/v1/requests/{namespace}/{name}/{uid}", self.request_outcome),
         ])
         app.on_startup.append(self._on_startup)
         app.on_cleanup.append(self._on_cleanup)
