@@ -1,13 +1,16 @@
-"""What the signer service costs over signing with python-pkcs11 directly.
+"""What keyroom's HSM backend costs over signing with python-pkcs11 directly.
 
-One run measures, on the same SoftHSM token and machine, for ECDSA_P256 and
-RSA_3072:
+The signer offers no route that signs a caller's digest, so the service path
+(TLS, authentication, the signer's own reads and decision, the audit log) is
+measured end to end by ``bench/signrequest.py``. This benchmark isolates the
+layer below it: ``keyroom.signer.hsm.Token``, the only code that calls
+``C_Sign``, in process, against python-pkcs11 on the same SoftHSM token. One
+run measures, for ECDSA_P256 and RSA_3072:
 
 - the raw rate: python-pkcs11 ``sign`` in a loop on one session (the baseline);
-- the signer's rate: one digest per HTTPS call through the real service
-  (TLS, TokenReview-authenticated operator token, thread pool), sequentially
-  and with several calls in flight;
-- latency p50/p99 of one call, and what the signer adds to a raw sign.
+- the backend's rate with one thread, and with several threads sharing its
+  session pool (as the signer's thread pool does);
+- latency p50/p99 of one backend call, and what it adds to a raw sign.
 
 Figures are printed as ratios to the baseline of the same run, because these
 machines are shared and noisy. Run with ``make bench``.
@@ -15,17 +18,16 @@ machines are shared and noisy. Run with ``make bench``.
 from __future__ import annotations
 
 import argparse
-import asyncio
+import concurrent.futures
 import hashlib
 import os
+import pathlib
+import secrets
 import statistics
 import sys
 import tempfile
 import time
-import pathlib
-
-from keyroom.devenv import controlplane
-from keyroom.signer.client import SIGNER_AUDIENCE, KeyRef, SignerClient
+import uuid
 
 
 def _percentile(samples: list[float], fraction: float) -> float:
@@ -33,15 +35,17 @@ def _percentile(samples: list[float], fraction: float) -> float:
     return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
 
 
-def raw_rate(*, env: dict, module: str, token_label: str, pin: str, algorithm: str, seconds: float) -> tuple[float, list[float]]:
-    """Signatures per second and per-call latencies with python-pkcs11 on one session."""
+def raw_rate(*, module: str, token_label: str, algorithm: str, seconds: float) -> tuple[float, list[float]]:
+    """Signatures per second and per-call latencies with python-pkcs11 on one session.
+
+    PKCS#11 login belongs to the process: keyroom's Token logged in already, so this session shares it.
+    """
     import pkcs11
     from pkcs11 import KeyType, Mechanism
     from pkcs11.util.ec import encode_named_curve_parameters
 
-    os.environ.update(env)
     token = pkcs11.lib(module).get_token(token_label=token_label)
-    with token.open(user_pin=pin, rw=True) as session:
+    with token.open(rw=True) as session:
         if algorithm.startswith("ECDSA"):
             parameters = session.create_domain_parameters(
                 KeyType.EC, {pkcs11.Attribute.EC_PARAMS: encode_named_curve_parameters("secp256r1")}, local=True)
@@ -62,70 +66,61 @@ def raw_rate(*, env: dict, module: str, token_label: str, pin: str, algorithm: s
     return len(latencies) / sum(latencies), latencies
 
 
-async def signer_rate(client: SignerClient, key: KeyRef, *, seconds: float, in_flight: int) -> tuple[float, list[float]]:
-    digest = hashlib.sha256(b"benchmark").hexdigest()
+def backend_rate(token, handle, *, seconds: float, threads: int) -> tuple[float, list[float]]:
+    digest = hashlib.sha256(b"benchmark").digest()
     latencies: list[float] = []
     deadline = time.perf_counter() + seconds
 
-    async def worker():
+    def worker() -> None:
         while time.perf_counter() < deadline:
             started = time.perf_counter()
-            await client.sign(key, digest_algorithm="SHA256", digests=[digest])
+            token.sign(handle, digest=digest, digest_algorithm="SHA256")
             latencies.append(time.perf_counter() - started)
 
     started = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(in_flight)))
+    with concurrent.futures.ThreadPoolExecutor(max_workers=threads) as pool:
+        for future in [pool.submit(worker) for _ in range(threads)]:
+            future.result()
     return len(latencies) / (time.perf_counter() - started), latencies
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=5.0, help="measuring time per figure")
-    parser.add_argument("--in-flight", type=int, default=4, help="concurrent calls for the parallel figure")
+    parser.add_argument("--threads", type=int, default=4, help="threads (and sessions) for the parallel figure")
     args = parser.parse_args(argv)
 
-    with tempfile.TemporaryDirectory(prefix="keyroom-bench-") as directory:
-        state_dir = pathlib.Path(directory) / "env"
-        environment = controlplane.up(state_dir, operator=False, log=lambda m: print(m, file=sys.stderr))
-        try:
-            hsm_dir = state_dir / "hsm"
-            env = {"SOFTHSM2_CONF": str(hsm_dir / "softhsm2.conf")}
-            pin = (hsm_dir / "pin").read_text().strip()
-            from keyroom.signer import softhsm
-            module = softhsm.find_module()
-            client = SignerClient(url=environment.signer_url, token_file=str(_operator_token(environment)),
-                                  ca_file=str(state_dir / "pki" / "ca.crt"))
-            print(f"{'algorithm':<11} {'raw/s':>8} {'signer/s':>9} {'ratio':>6} {'signer x' + str(args.in_flight) + '/s':>12} "
-                  f"{'ratio':>6} {'raw p99':>8} {'call p50':>9} {'call p99':>9} {'added p99':>10}")
-            for algorithm in ("ECDSA_P256", "RSA_3072"):
-                raw, raw_latencies = raw_rate(env=env, module=module, token_label="keyroom-dev", pin=pin,
-                                              algorithm=algorithm, seconds=args.seconds)
+    from keyroom.signer import hsm, softhsm
 
-                async def measure():
-                    key = KeyRef(namespace="bench", name=algorithm.lower().replace("_", "-"),
-                                 uid="00000000-0000-4000-8000-000000000001", version=1)
-                    await client.generate(key, algorithm=algorithm)
-                    await signer_rate(client, key, seconds=0.5, in_flight=1)  # warm: TLS, TokenReview cache
-                    sequential = await signer_rate(client, key, seconds=args.seconds, in_flight=1)
-                    parallel = await signer_rate(client, key, seconds=args.seconds, in_flight=args.in_flight)
-                    await client.destroy(key)
-                    await client.close()
-                    return sequential, parallel
-                (rate, latencies), (parallel_rate, _) = asyncio.run(measure())
+    with tempfile.TemporaryDirectory(prefix="keyroom-bench-") as directory:
+        pin = secrets.token_hex(8)
+        found = softhsm.init_token(pathlib.Path(directory), label="keyroom-bench", pin=pin,
+                                   so_pin=secrets.token_hex(8))
+        os.environ.update(found.env())  # before the module is first loaded in this process
+        token = hsm.Token(module_path=found.module_path, token_label=found.token_label, pin=pin,
+                          sessions=args.threads)
+        token.open()
+        try:
+            print(f"{'algorithm':<11} {'raw/s':>8} {'keyroom/s':>10} {'ratio':>6} "
+                  f"{'keyroom x' + str(args.threads) + '/s':>13} {'ratio':>6} {'raw p99':>8} {'call p50':>9} "
+                  f"{'call p99':>9} {'added p99':>10}")
+            for algorithm in ("ECDSA_P256", "RSA_3072"):
+                raw, raw_latencies = raw_rate(module=found.module_path, token_label=found.token_label,
+                                              algorithm=algorithm, seconds=args.seconds)
+                handle = hsm.KeyHandle(namespace="bench", name=algorithm.lower().replace("_", "-"),
+                                       uid=str(uuid.uuid4()), version=1)
+                token.generate(handle, algorithm=algorithm)
+                backend_rate(token, handle, seconds=0.5, threads=1)  # warm the session caches
+                rate, latencies = backend_rate(token, handle, seconds=args.seconds, threads=1)
+                parallel, _ = backend_rate(token, handle, seconds=args.seconds, threads=args.threads)
+                token.destroy(handle)
                 raw_p99, call_p99 = _percentile(raw_latencies, 0.99), _percentile(latencies, 0.99)
-                print(f"{algorithm:<11} {raw:8.0f} {rate:9.0f} {rate / raw:6.2f} {parallel_rate:12.0f} "
-                      f"{parallel_rate / raw:6.2f} {raw_p99 * 1e3:7.2f}ms {statistics.median(latencies) * 1e3:8.2f}ms "
+                print(f"{algorithm:<11} {raw:8.0f} {rate:10.0f} {rate / raw:6.2f} {parallel:13.0f} "
+                      f"{parallel / raw:6.2f} {raw_p99 * 1e3:7.2f}ms {statistics.median(latencies) * 1e3:8.2f}ms "
                       f"{call_p99 * 1e3:8.2f}ms {(call_p99 - raw_p99) * 1e3:9.2f}ms")
         finally:
-            controlplane.down(state_dir, log=lambda m: None)
+            token.close()
     return 0
-
-
-def _operator_token(environment: controlplane.Environment) -> pathlib.Path:
-    path = environment.state_dir / "bench-operator-token"
-    path.write_text(controlplane.request_token(environment, namespace="keyroom-system",
-                                               service_account="keyroom-operator", audience=SIGNER_AUDIENCE))
-    return path
 
 
 if __name__ == "__main__":

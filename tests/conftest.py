@@ -65,3 +65,41 @@ def wait_for(predicate: Callable[[], object], *, timeout: float = 30.0, what: st
             return last
         time.sleep(0.1)
     pytest.fail(f"timed out after {timeout:.0f}s waiting for {what} (last value: {last!r})")
+
+
+# ---------------------------------------------------------------- the token, seen from outside the signer
+
+def _pkcs11_tool(cluster: controlplane.Environment, *args: str) -> subprocess.CompletedProcess:
+    """OpenSC's pkcs11-tool on the dev token: an independent reader (and writer) of the HSM, not keyroom's code."""
+    from keyroom.signer import softhsm
+
+    hsm_dir = cluster.state_dir / "hsm"
+    env = {"SOFTHSM2_CONF": str(hsm_dir / "softhsm2.conf"), "PATH": "/usr/bin:/bin"}
+    return subprocess.run(["pkcs11-tool", "--module", softhsm.find_module(), "--token-label", "keyroom-dev",
+                           "--login", "--pin", (hsm_dir / "pin").read_text().strip(), *args],
+                          capture_output=True, text=True, env=env, timeout=60)
+
+
+def token_labels(cluster: controlplane.Environment) -> set[str]:
+    """The labels of the private keys on the dev token."""
+    listed = _pkcs11_tool(cluster, "--list-objects", "--type", "privkey")
+    assert listed.returncode == 0, listed.stderr
+    return {line.split(":", 1)[1].strip() for line in listed.stdout.splitlines() if line.strip().startswith("label:")}
+
+
+def key_label(cluster: controlplane.Environment, name: str, version: int, *, namespace: str = "team-a") -> str:
+    uid = get(cluster, "signingkey", name, namespace=namespace)["metadata"]["uid"]
+    return f"keyroom:{namespace}/{name}:v{version}:{uid}"
+
+
+def plant_key(cluster: controlplane.Environment, *, label: str, object_id: bytes) -> None:
+    """Generate a key pair on the token behind keyroom's back (as another tool, or an intruder with the PIN)."""
+    made = _pkcs11_tool(cluster, "--keypairgen", "--key-type", "EC:prime256v1", "--label", label,
+                        "--id", object_id.hex())
+    assert made.returncode == 0, made.stderr
+
+
+def remove_key(cluster: controlplane.Environment, *, label: str) -> None:
+    """Destroy a private key behind keyroom's back (an HSM administrator's mistake)."""
+    removed = _pkcs11_tool(cluster, "--delete-object", "--type", "privkey", "--label", label)
+    assert removed.returncode == 0, removed.stderr

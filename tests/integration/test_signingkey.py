@@ -17,8 +17,8 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 
 from keyroom.schedule import format_time, parse_time
-from keyroom.signer.client import KeyRef, SignerClient, SignerError
-from tests.conftest import apply, get, kubectl, wait_for
+from keyroom.signer.hsm import KeyHandle
+from tests.conftest import apply, get, key_label, kubectl, plant_key, remove_key, token_labels, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -39,28 +39,6 @@ def _condition(status: dict, type: str) -> dict:
     return next((c for c in status.get("conditions", []) if c["type"] == type), {})
 
 
-def _signer_call(cluster, coroutine_factory, *, token: str | None = None):
-    """Run one signer-client call as the operator (or with ``token``)."""
-    token_file = cluster.state_dir / "operator-signer-token"
-    if token is not None:
-        token_file = cluster.state_dir / "test-token"
-        token_file.write_text(token)
-    client = SignerClient(url=cluster.signer_url, token_file=str(token_file),
-                          ca_file=str(cluster.state_dir / "pki" / "ca.crt"))
-
-    async def run():
-        try:
-            return await coroutine_factory(client)
-        finally:
-            await client.close()
-    return asyncio.run(run())
-
-
-def _ref(cluster, name: str, version: int) -> KeyRef:
-    uid = get(cluster, "signingkey", name, namespace=NAMESPACE)["metadata"]["uid"]
-    return KeyRef(namespace=NAMESPACE, name=name, uid=uid, version=version)
-
-
 def _ready_key(cluster, unique, **spec) -> tuple[str, dict]:
     name = unique("key")
     assert apply(cluster, _key(name, **spec)).returncode == 0
@@ -73,7 +51,7 @@ def _ready_key(cluster, unique, **spec) -> tuple[str, dict]:
     "ECDSA_P256",
     "RSA_3072",
 ])
-def test_a_new_key_is_generated_and_its_signature_verifies_with_openssl(cluster, unique, tmp_path, algorithm):
+def test_a_new_key_is_generated_in_the_token_and_its_public_key_published(cluster, unique, algorithm):
     name, status = _ready_key(cluster, unique, algorithm=algorithm)
     assert status["phase"] == "Active" and status["online"] is True
     assert _condition(status, "Ready")["status"] == "True"
@@ -85,22 +63,7 @@ def test_a_new_key_is_generated_and_its_signature_verifies_with_openssl(cluster,
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
     assert version["fingerprint"] == "sha256:" + hashlib.sha256(der).hexdigest()
 
-    artifact = tmp_path / "artifact.bin"
-    artifact.write_bytes(b"keyroom release artifact\n" * 100)
-    digest = hashlib.sha256(artifact.read_bytes()).hexdigest()
-    [signature] = _signer_call(cluster, lambda c: c.sign(_ref(cluster, name, 1), digest_algorithm="SHA256",
-                                                         digests=[digest]))
-    (tmp_path / "key.pem").write_text(version["publicKey"])
-    (tmp_path / "artifact.sig").write_bytes(base64.b64decode(signature))
-    verify = subprocess.run(["openssl", "dgst", "-sha256", "-verify", str(tmp_path / "key.pem"),
-                             "-signature", str(tmp_path / "artifact.sig"), str(artifact)],
-                            capture_output=True, text=True)
-    assert verify.returncode == 0 and "Verified OK" in verify.stdout, verify.stdout + verify.stderr
-    artifact.write_bytes(b"tampered")
-    tampered = subprocess.run(["openssl", "dgst", "-sha256", "-verify", str(tmp_path / "key.pem"),
-                               "-signature", str(tmp_path / "artifact.sig"), str(artifact)], capture_output=True)
-    assert tampered.returncode != 0
-
+    assert key_label(cluster, name, 1) in token_labels(cluster)  # generated in the token, seen by pkcs11-tool
     events = kubectl(cluster, "get", "events", "-n", NAMESPACE, f"--field-selector=involvedObject.name={name}")
     assert "KeyGenerated" in events.stdout
 
@@ -132,9 +95,8 @@ def test_scheduled_rotation_trims_and_destroys_old_versions(cluster, unique):
     assert states[1] == "Destroyed" and status["currentVersion"] >= 3
     assert states[status["currentVersion"]] == "Enabled"
     assert status["nextRotationAt"]
-    with pytest.raises(SignerError) as refused:
-        _signer_call(cluster, lambda c: c.public_key(_ref(cluster, name, 1)))
-    assert refused.value.reason == "KeyNotFound"
+    assert key_label(cluster, name, 1) not in token_labels(cluster)
+    assert key_label(cluster, name, status["currentVersion"]) in token_labels(cluster)
     # The destroyed version's public key stays published for verifying old signatures.
     assert next(v for v in status["versions"] if v["version"] == 1)["publicKey"].startswith("-----BEGIN PUBLIC KEY")
 
@@ -159,22 +121,20 @@ def test_online_flips_at_the_window_edges(cluster, unique):
 
 def test_deleting_a_key_destroys_its_material_only_after_the_delay(cluster, unique):
     name, _ = _ready_key(cluster, unique, destructionDelay="3s")
-    ref = _ref(cluster, name, 1)
+    label = key_label(cluster, name, 1)
     assert kubectl(cluster, "delete", "signingkey", name, "-n", NAMESPACE, "--wait=false").returncode == 0
     pending = wait_for(lambda: (s := _status(cluster, name)).get("versions", [{}])[0].get("state")
                        == "PendingDestruction" and s, what="destruction to be scheduled")
     assert pending["versions"][0]["destroyAt"]
-    assert _signer_call(cluster, lambda c: c.public_key(ref))["publicKey"]  # not destroyed yet
+    assert label in token_labels(cluster)  # not destroyed yet
     wait_for(lambda: kubectl(cluster, "get", "signingkey", name, "-n", NAMESPACE).returncode != 0, timeout=30,
              what="the SigningKey to be gone")
-    with pytest.raises(SignerError) as refused:
-        _signer_call(cluster, lambda c: c.public_key(ref))
-    assert refused.value.reason == "KeyNotFound"
+    assert label not in token_labels(cluster)
 
 
 def test_a_scheduled_destruction_is_cancelled_by_retain(cluster, unique):
     name, _ = _ready_key(cluster, unique, destructionDelay="1h")
-    ref = _ref(cluster, name, 1)
+    label = key_label(cluster, name, 1)
     assert kubectl(cluster, "delete", "signingkey", name, "-n", NAMESPACE, "--wait=false").returncode == 0
     wait_for(lambda: _status(cluster, name).get("versions", [{}])[0].get("state") == "PendingDestruction",
              what="destruction to be scheduled")
@@ -183,7 +143,7 @@ def test_a_scheduled_destruction_is_cancelled_by_retain(cluster, unique):
     assert patch.returncode == 0, patch.stderr
     wait_for(lambda: kubectl(cluster, "get", "signingkey", name, "-n", NAMESPACE).returncode != 0, timeout=30,
              what="the SigningKey to be released")
-    assert _signer_call(cluster, lambda c: c.public_key(ref))["publicKey"]
+    assert label in token_labels(cluster)
 
 
 def test_another_teams_key_is_invisible(cluster, unique):
@@ -285,9 +245,23 @@ def test_a_wrong_pin_is_reported_without_the_pin(cluster, tmp_path):
 
 
 def test_the_operator_reports_token_objects_no_key_declares(cluster):
-    stray = KeyRef(namespace="team-a", name="stray", uid="00000000-0000-4000-8000-00000000beef", version=1)
-    _signer_call(cluster, lambda c: c.generate(stray, algorithm="ECDSA_P256"))
+    stray = KeyHandle(namespace="team-a", name="stray", uid="00000000-0000-4000-8000-00000000beef", version=1)
+    plant_key(cluster, label=stray.label, object_id=stray.object_id)
     log = cluster.state_dir / "logs" / "operator.log"
     wait_for(lambda: "keyroom:team-a/stray:v1" in log.read_text() and "declared by no SigningKey" in log.read_text(),
              timeout=30, what="the operator to report the stray object")
-    assert _signer_call(cluster, lambda c: c.public_key(stray))["publicKey"]  # reported, not destroyed
+    assert stray.label in token_labels(cluster)  # reported, not destroyed
+
+
+def test_key_material_destroyed_outside_keyroom_stalls_the_key_until_a_rotation(cluster, unique):
+    name, _ = _ready_key(cluster, unique)
+    remove_key(cluster, label=key_label(cluster, name, 1))
+    # any event makes the operator ask the signer, which checks the token
+    assert kubectl(cluster, "label", "signingkey", name, "-n", NAMESPACE, "poke=1").returncode == 0
+    status = wait_for(lambda: _condition(s := _status(cluster, name), "Stalled").get("status") == "True" and s,
+                      what="the key to stall")
+    assert _condition(status, "Stalled")["reason"] == "KeyMaterialMissing" and status["phase"] == "Failed"
+    assert status["versions"][0]["missing"] is True
+    assert kubectl(cluster, "annotate", "signingkey", name, "-n", NAMESPACE, "keyroom.dev/rotate=1").returncode == 0
+    status = wait_for(lambda: (s := _status(cluster, name)).get("currentVersion") == 2 and s, what="version 2")
+    assert status["phase"] == "Active" and _condition(status, "Stalled").get("status") != "True"

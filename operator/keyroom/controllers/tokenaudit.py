@@ -17,7 +17,6 @@ from typing import Any, Iterable, Mapping
 import kopf
 
 from keyroom.controllers import kube
-from keyroom.signer.client import SignerError
 
 logger = logging.getLogger("keyroom.tokenaudit")
 
@@ -54,8 +53,10 @@ async def _audit_forever(memo: kopf.Memo, interval: float) -> None:
             continue
         try:
             await audit_once(memo.signer)
-        except (SignerError, OSError) as error:
-            logger.info("token audit skipped: %s", error)
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:  # an API or signer error skips one round, never ends the audit
+            logger.info("token audit skipped: %s: %s", type(error).__name__, error)
 
 
 @kopf.on.startup()
