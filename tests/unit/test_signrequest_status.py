@@ -86,3 +86,13 @@ def test_the_cache_keeps_little_of_a_final_request_and_never_goes_back_in_time()
     assert recent_signatures([kept], AT)[0].count == 1
     cache.remember(body(4, "Signing"))  # an older event arriving late changes nothing
     assert cache.bodies[("team-a", "r")]["status"]["phase"] == "Signed"
+
+
+def test_an_absurd_ttl_annotation_falls_back_instead_of_overflowing():
+    from keyroom.controllers import signrequest as sr
+    body = {"metadata": {"annotations": {sr.TTL_ANNOTATION: "9" * 30 + "d"}},
+            "status": {"phase": "Signed", "finishedAt": "2026-12-01T00:00:00Z"}}
+    due = sr.removal_due(body, default_ttl="7d")
+    assert due == datetime.datetime(2026, 12, 8, tzinfo=datetime.timezone.utc)
+    body["metadata"]["annotations"][sr.TTL_ANNOTATION] = "36500d"
+    assert sr.removal_due(body, default_ttl="7d").year == 2036

@@ -2,9 +2,11 @@
 
 The reconcile is level-based and cheap: the status is computed from the policy
 and the namespace's keys (kept in a Kopf index) and written only when it
-differs. It runs on every policy event, on every key event of the namespace
-(a new or relabelled key changes what a policy selects), and on a slow timer
-as a safety net. No finalizer and no bookkeeping annotation is needed.
+differs. It runs on every policy event and on every key event of the
+namespace (a new or relabelled key changes what a policy selects); each
+re-list after a watch ends brings every policy round again as a safety net.
+No finalizer and no bookkeeping annotation is needed (a Kopf timer would add
+a finalizer, so there is none).
 """
 from __future__ import annotations
 
@@ -15,9 +17,6 @@ import kopf
 from keyroom import conditions, policy
 from keyroom.api.common import GROUP, VERSION
 from keyroom.controllers import kube
-
-RESYNC_SECONDS = 300
-
 
 @kopf.index(GROUP, VERSION, "signingkeys")
 def keys_by_namespace(namespace: str, name: str, labels: Mapping[str, str], **_: Any) -> dict:
@@ -64,13 +63,6 @@ async def policy_changed(event: Mapping, body: kopf.Body, spec: Mapping, status:
                          namespace: str, keys_by_namespace: kopf.Index, **_: Any) -> None:
     if event["type"] == "DELETED" or meta.get("deletionTimestamp"):
         return
-    await _reconcile(body=body, spec=spec, status=status, generation=meta["generation"],
-                     namespace=namespace, keys=list(keys_by_namespace.get(namespace, [])))
-
-
-@kopf.timer(GROUP, VERSION, "signingpolicies", interval=RESYNC_SECONDS, initial_delay=RESYNC_SECONDS)
-async def policy_resync(body: kopf.Body, spec: Mapping, status: Mapping, meta: Mapping, namespace: str,
-                        keys_by_namespace: kopf.Index, **_: Any) -> None:
     await _reconcile(body=body, spec=spec, status=status, generation=meta["generation"],
                      namespace=namespace, keys=list(keys_by_namespace.get(namespace, [])))
 

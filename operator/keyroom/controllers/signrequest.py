@@ -44,6 +44,8 @@ logger = logging.getLogger("keyroom.signrequest")
 #: how long a finished request is kept unless its annotation says otherwise
 TTL_ANNOTATION = f"{GROUP}/ttl-after-finished"
 DEFAULT_TTL_AFTER_FINISHED = "7d"
+#: the longest a finished request is kept, whatever its annotation says
+MAX_TTL_AFTER_FINISHED = datetime.timedelta(days=3650)
 _MAX_BACKOFF = 60.0
 #: how long the signer may take before a request shows the Signing phase
 SIGNING_SHOWN_AFTER = 0.25
@@ -127,12 +129,12 @@ def removal_due(body: Mapping, *, default_ttl: str) -> datetime.datetime | None:
     status = body.get("status") or {}
     if status.get("phase") not in TERMINAL_PHASES or not status.get("finishedAt"):
         return None
+    finished = schedule.parse_time(status["finishedAt"])
     ttl = (body["metadata"].get("annotations") or {}).get(TTL_ANNOTATION) or default_ttl
     try:
-        delay = schedule.parse_duration(ttl)
-    except ValueError:
-        delay = schedule.parse_duration(default_ttl)
-    return schedule.parse_time(status["finishedAt"]) + delay
+        return finished + min(schedule.parse_duration(ttl), MAX_TTL_AFTER_FINISHED)
+    except (ValueError, OverflowError):  # a typo or an absurd value in an annotation: the default applies
+        return finished + schedule.parse_duration(default_ttl)
 
 
 # ---------------------------------------------------------------- the requests the operator knows

@@ -26,6 +26,7 @@ import json
 import os
 import pathlib
 import sys
+import threading
 import time
 from typing import Any, Iterator
 
@@ -37,6 +38,10 @@ CHECKPOINT_NAME = "keyroom-audit-checkpoint"
 #: the ConfigMap in which an administrator tells the signer to start a new chain; the signer only reads it
 NEW_CHAIN_NAME = "keyroom-audit-new-chain"
 LOG_NAME = "audit.jsonl"
+
+
+#: the events that make up the signer's memory of a request (a refusal leaves nothing to remember)
+_REQUEST_EVENTS = ("Intent", "Signed", "Abandoned")
 
 
 class AuditError(Exception):
@@ -145,6 +150,8 @@ class AuditLog:
         self.results = directory / "results"
         self.results.mkdir(parents=True, exist_ok=True)
         self.head: Head | None = None
+        self._appending = threading.Lock()
+        #: requests the signer intended to sign, signed or abandoned, by UID (refusals alone are not kept)
         self.requests: dict[str, RequestRecord] = {}
         #: the signer's record of each SigningKey by UID (see keyroom.signer.keys)
         self.keys: dict[str, keys.KeyRecord] = {}
@@ -167,9 +174,9 @@ class AuditLog:
 
     def _remember(self, entry: dict) -> None:
         self.head = Head(entry["index"], entry["hash"])
-        uid = (entry.get("request") or {}).get("uid")
-        record = self.requests.setdefault(uid, RequestRecord()) if uid else None
         event = entry["event"]
+        uid = (entry.get("request") or {}).get("uid")
+        record = self.requests.setdefault(uid, RequestRecord()) if uid and event in _REQUEST_EVENTS else None
         keys.apply(self.keys, entry)
         if event == "ChainStarted":
             self.restarted = True
@@ -187,7 +194,11 @@ class AuditLog:
             self.recent.pop(entry["intent"], None)
 
     def append(self, event: str, **fields: Any) -> dict:
-        """Write one entry and fsync it before returning."""
+        """Write one entry and fsync it before returning (thread-safe: entries are chained one at a time)."""
+        with self._appending:
+            return self._append(event, **fields)
+
+    def _append(self, event: str, **fields: Any) -> dict:
         entry = {"index": self.head.index + 1 if self.head else 0,
                  "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="microseconds"),
                  "event": event, **fields, "prev": self.head.hash if self.head else GENESIS}

@@ -221,7 +221,7 @@ class RequestSigner:
                 await asyncio.sleep(retry_seconds)
         for uid, record in list(self.log.requests.items()):
             if record.open_intent:
-                self._resolve(uid, record)
+                await self._resolve(uid, record)
         pruned = self.log.prune_results(self.keep_results)
         if pruned:
             logger.info("forgot the stored signatures of %d request(s) signed over %s ago", pruned, self.keep_results)
@@ -248,24 +248,25 @@ class RequestSigner:
                        instruction.get("reason", ""))
         return True
 
-    def _resolve(self, uid: str, record: audit.RequestRecord) -> None:
+    async def _resolve(self, uid: str, record: audit.RequestRecord) -> None:
         """An intent without a result: complete it from stored signatures, or record that none left."""
         result = self.log.load_result(uid)
         if result is not None and result.get("intent") == record.intent["index"]:
-            self._append_signed(record.intent, result)
+            await self._append_signed(record.intent, result)
             logger.info("completed the record of %s from its stored signatures", uid)
         else:
-            self._abandon(record.intent, "the signer stopped between intent and result; no signature was stored "
+            await self._abandon(record.intent, "the signer stopped between intent and result; no signature was stored "
                                          "or returned, so the request may be signed again")
             logger.warning("abandoned the unfinished attempt %d for %s", record.intent["index"], uid)
 
-    def _append(self, event: str, **fields: Any) -> dict:
-        entry = self.log.append(event, **fields)
+    async def _append(self, event: str, **fields: Any) -> dict:
+        # fsync in a worker thread: the event loop keeps accepting and authenticating meanwhile
+        entry = await asyncio.to_thread(self.log.append, event, **fields)
         self._head_changed.set()
         return entry
 
-    def _abandon(self, intent: dict, message: str) -> None:
-        self._append("Abandoned", request=intent["request"], intent=intent["index"], message=message)
+    async def _abandon(self, intent: dict, message: str) -> None:
+        await self._append("Abandoned", request=intent["request"], intent=intent["index"], message=message)
 
     async def keep_checkpoint(self) -> None:
         """Write the chain head to the checkpoint ConfigMap whenever it moved, at most once a second."""
@@ -367,21 +368,21 @@ class RequestSigner:
                 # generated before a crash that came before its log entry: this number is ours, take it
                 der = await self._in_token("public_key", lambda token: token.public_key(handle))
             document = public_key_document(der)
-            self._append("KeyVersionGenerated", key=ref, version=version, algorithm=algorithm,
+            await self._append("KeyVersionGenerated", key=ref, version=version, algorithm=algorithm,
                          usage=spec.get("usage", "Reusable"), reason=action.reason,
                          rotationRequest=action.rotation_request, **document)
             logger.info("generated %s (%s)", handle.label, action.reason)
         elif action.kind == "disable":
-            self._append("KeyVersionDisabled", key=ref, version=version, reason=action.reason)
+            await self._append("KeyVersionDisabled", key=ref, version=version, reason=action.reason)
         elif action.kind == "schedule":
-            self._append("KeyDestructionScheduled", key=ref, version=version, reason=action.reason,
+            await self._append("KeyDestructionScheduled", key=ref, version=version, reason=action.reason,
                          delay=(spec or {}).get("destructionDelay") or keys.DEFAULT_DESTRUCTION_DELAY)
         elif action.kind == "cancel":
-            self._append("KeyDestructionCancelled", key=ref, version=version, reason=action.reason)
+            await self._append("KeyDestructionCancelled", key=ref, version=version, reason=action.reason)
         elif action.kind == "destroy":
             handle = self._handle(record, version)
             destroyed = await self._in_token("destroy", lambda token: token.destroy(handle))
-            self._append("KeyVersionDestroyed", key=ref, version=version, found=destroyed)
+            await self._append("KeyVersionDestroyed", key=ref, version=version, found=destroyed)
             logger.info("destroyed %s (%s)", handle.label, action.reason)
         else:
             raise AssertionError(f"unknown action {action.kind}")
@@ -397,10 +398,10 @@ class RequestSigner:
         except hsm.HSMError as error:
             if error.reason != "KeyNotFound":
                 raise
-            self._missing(record, current.version)
+            await self._missing(record, current.version)
 
-    def _missing(self, record: keys.KeyRecord, version: int) -> None:
-        self._append("KeyVersionMissing", key=self._key_ref(record), version=version,
+    async def _missing(self, record: keys.KeyRecord, version: int) -> None:
+        await self._append("KeyVersionMissing", key=self._key_ref(record), version=version,
                      message="the private key is not in the token: it was destroyed outside keyroom")
         logger.error("%s is missing from the token", self._handle(record, version).label)
 
@@ -413,26 +414,26 @@ class RequestSigner:
         for number in numbers:
             handle = self._handle(record, number)
             der = await self._in_token("public_key", lambda token: token.public_key(handle))
-            self._append("KeyVersionGenerated", key=ref, version=number, algorithm=(spec or {}).get("algorithm", ""),
+            await self._append("KeyVersionGenerated", key=ref, version=number, algorithm=(spec or {}).get("algorithm", ""),
                          usage=(spec or {}).get("usage", "Reusable"), reason="Adopted", **public_key_document(der))
         for number in numbers[:-1]:
-            self._append("KeyVersionDisabled", key=ref, version=number, reason="Adopted")
+            await self._append("KeyVersionDisabled", key=ref, version=number, reason="Adopted")
 
     # ------------------------------------------------------------ requests
 
-    def _append_signed(self, intent: dict, result: dict) -> dict:
-        return self._append(
+    async def _append_signed(self, intent: dict, result: dict) -> dict:
+        return await self._append(
             "Signed", request=intent["request"], key=intent["key"], intent=intent["index"],
             signatures=[{"name": s["name"], "hash": audit.digest_of(base64.b64decode(s["value"]))}
                         for s in result["signatures"]])
 
-    def _refuse(self, reason: str, message: str, *, request_ref: dict, status: int = 403, waiting: bool = False,
+    async def _refuse(self, reason: str, message: str, *, request_ref: dict, status: int = 403, waiting: bool = False,
                 **fields: Any) -> Refused:
         """A refusal, audited; a "not yet" refusal only when its reason changed since the last one audited."""
         uid = request_ref["uid"]
         if waiting and self._waiting.get(uid) == reason:
             return Refused(reason, message, status=status)
-        entry = self._append("Refused", request=request_ref, reason=reason, message=message, **fields)
+        entry = await self._append("Refused", request=request_ref, reason=reason, message=message, **fields)
         if waiting:
             self._waiting[uid] = reason
             self._waiting.move_to_end(uid)
@@ -480,7 +481,7 @@ class RequestSigner:
                                                "and its signatures are no longer kept", status=409)
             return self._answer(result, record.signed)
         if record is not None and record.open_intent:
-            self._resolve(uid, record)  # an earlier attempt failed half-way in this process
+            await self._resolve(uid, record)  # an earlier attempt failed half-way in this process
             if record.signed is not None:
                 return self._answer(self.log.load_result(uid), record.signed)
 
@@ -491,12 +492,12 @@ class RequestSigner:
             raise Refused("ApiServerUnavailable", f"cannot read the request from the API server: "
                                                   f"{type(error).__name__}", status=503) from None
         if request is None or request["metadata"]["uid"] != uid:
-            raise self._refuse("RequestNotFound", f"no SignRequest {namespace}/{name} with UID {uid}",
+            raise await self._refuse("RequestNotFound", f"no SignRequest {namespace}/{name} with UID {uid}",
                                request_ref=request_ref, status=404)
         request = _strip_status(request)
         spec = request["spec"]
         if digests_fingerprint(spec) != fingerprint:
-            raise self._refuse("DigestsMismatch", "the digests the operator named differ from the SignRequest's",
+            raise await self._refuse("DigestsMismatch", "the digests the operator named differ from the SignRequest's",
                                request_ref=request_ref, status=409)
         key = _strip_status(next((k for k in namespace_keys if k["metadata"]["name"] == spec["keyRef"]["name"]),
                                  None))
@@ -522,11 +523,11 @@ class RequestSigner:
         decision = policy.decide(request, key=key, key_state=key_state(record), policies=policies, at=now,
                                  recent=recent, key_labels=labels)
         if decision.phase != "Approved":
-            raise self._refuse(decision.reason, decision.message, request_ref=request_ref,
+            raise await self._refuse(decision.reason, decision.message, request_ref=request_ref,
                                waiting=decision.phase == "Pending")
         key_info = {"name": key_meta["name"], "uid": key_meta["uid"], "version": decision.key_version,
                     "usage": key["spec"].get("usage", "Reusable")}
-        intent = self._append(
+        intent = await self._append(
             "Intent", request=request_ref, requester=spec["requester"]["username"],
             approvers=[a["user"] for a in decision.approvals if a["counted"] and a["decision"] == "Approve"],
             policies=list(decision.policies), key=key_info, reason=spec.get("reason", ""),
@@ -544,11 +545,11 @@ class RequestSigner:
                 token.sign(handle, digest=value, digest_algorithm=algorithm) for value in values])
         except hsm.HSMError as error:
             # Nothing left the signer: record that at once, so a retry starts cleanly.
-            self._abandon(intent, f"the HSM failed: {error.reason}; no signature was returned")
+            await self._abandon(intent, f"the HSM failed: {error.reason}; no signature was returned")
             if error.reason != "KeyNotFound":
                 raise
-            self._missing(record, decision.key_version)
-            raise self._refuse("KeyMaterialMissing", f"key {key_meta['name']} version {decision.key_version} is "
+            await self._missing(record, decision.key_version)
+            raise await self._refuse("KeyMaterialMissing", f"key {key_meta['name']} version {decision.key_version} is "
                                                      "missing from the HSM (destroyed outside keyroom?); a platform "
                                                      "admin rotates the key to generate a new version",
                                request_ref=request_ref, status=409) from None
@@ -557,7 +558,7 @@ class RequestSigner:
                   "signatures": [{"name": d["name"], "value": base64.b64encode(s).decode()}
                                  for d, s in zip(spec["digests"], signatures)]}
         await asyncio.to_thread(self.log.store_result, uid, result)
-        entry = self._append_signed(intent, result)
+        entry = await self._append_signed(intent, result)
         logger.info("signed %s/%s: %d digest(s) with %s v%d in %.0f ms (audit entry %d)", namespace, name,
                     len(values), key_meta["name"], decision.key_version, (time.perf_counter() - started) * 1e3,
                     entry["index"])
