@@ -111,8 +111,10 @@ def _openssl_verifies(tmp_path, public_key: str, artifact: bytes, signature_b64:
     return result.returncode == 0 and "Verified OK" in result.stdout
 
 
-def _audit_entries(cluster) -> list[dict]:
-    return [json.loads(line) for line in (cluster.state_dir / "signer" / "audit.jsonl").read_text().splitlines()]
+def _audit_entries(cluster, *, requests_only: bool = True) -> list[dict]:
+    """The signer's log (by default only the entries about requests, not its key records)."""
+    entries = [json.loads(line) for line in (cluster.state_dir / "signer" / "audit.jsonl").read_text().splitlines()]
+    return [e for e in entries if "request" in e] if requests_only else entries
 
 
 def _signer(cluster) -> SignerClient:
