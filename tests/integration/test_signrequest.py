@@ -462,3 +462,44 @@ def test_the_token_pin_appears_in_no_log_event_or_status(cluster):
     assert events.returncode == 0 and pin not in events.stdout
     everything = kubectl(cluster, "get", "keyroom", "-A", "-o", "json")
     assert everything.returncode == 0 and '"status"' in everything.stdout and pin not in everything.stdout
+
+
+@pytest.mark.parametrize("then", ["denied", "expired"])
+def test_a_request_the_signer_signed_is_reported_signed_whatever_happened_since(cluster, unique, then):
+    """The operator died after the signer signed and before it wrote Signed; then a Deny came, or the TTL passed.
+
+    On restart the operator's own decision says Denied or Expired, but an audited signature exists: the request
+    is settled by the signer, never reported as Denied, Expired or Pending.
+    """
+    import asyncio
+
+    key = _key(cluster, unique)
+    _policy(cluster, unique, key, requiredApprovals=1, requestTTL="6s")
+    _kill(cluster, "operator")
+    try:
+        name, created = _request(cluster, unique, key, {"a.bin": _digest("a")})
+        assert created.returncode == 0, created.stderr
+        assert _approve(cluster, name, "bob").returncode == 0
+        body = get(cluster, "signrequest", name, namespace=NAMESPACE)
+
+        async def sign():  # the call the operator made just before it died
+            client = _signer(cluster)
+            try:
+                return await client.sign_request(namespace=NAMESPACE, name=name, uid=body["metadata"]["uid"],
+                                                 digests=digests_fingerprint(body["spec"]))
+            finally:
+                await client.close()
+        answer = asyncio.run(sign())
+        assert len(answer["signatures"]) == 1
+        if then == "denied":
+            assert _approve(cluster, name, "carol", "Deny").returncode == 0
+        else:
+            created_at = parse_time(body["metadata"]["creationTimestamp"])
+            wait_for(lambda: datetime.datetime.now(datetime.timezone.utc) > created_at + datetime.timedelta(seconds=7),
+                     timeout=20, what="the request's TTL to pass")
+    finally:
+        controlplane.start_operator(cluster)
+    status = _final(cluster, name)
+    assert status["phase"] == "Signed", status
+    assert status["signatures"] == answer["signatures"] and status["audit"] == answer["audit"]
+    assert len([e for e in _audit_entries(cluster) if e["request"]["name"] == name and e["event"] == "Signed"]) == 1

@@ -227,7 +227,8 @@ async def keep_signing_key(body: kopf.Body, memo: kopf.Memo, stopped: kopf.Daemo
 
 
 @kopf.on.event(GROUP, VERSION, "signingkeys")
-def wake_signing_key(memo: kopf.Memo, **_: Any) -> None:
+async def wake_signing_key(memo: kopf.Memo, **_: Any) -> None:
+    # async on purpose: Kopf runs plain functions in worker threads, and an asyncio.Event is not thread-safe
     if "wakeup" in memo:
         memo["wakeup"].set()
 
