@@ -159,3 +159,33 @@ def test_one_process_holds_the_state_directory(tmp_path):
     finally:
         os.close(descriptor)
     audit.lock_state_dir(tmp_path)  # free again once the holder is gone
+
+
+def test_entries_need_the_signers_mac_so_a_volume_writer_cannot_append(tmp_path):
+    """The chain shows edits and cuts; the MAC (keyed in the HSM) shows entries someone else appended."""
+    import hashlib
+    import hmac
+    import json
+    secret = b"k" * 32
+    mac = lambda data: hmac.new(secret, data, hashlib.sha256).digest()  # noqa: E731  (stands for the HSM's)
+    log = audit.AuditLog(tmp_path, mac=mac)
+    log.append("Intent", request=REQUEST, key=KEY, digests=[])
+    checkpoint = log.head
+    log.close()
+    assert audit.AuditLog(tmp_path, checkpoint=checkpoint, mac=mac).head == checkpoint
+    # an intruder with write access to the volume appends a well-chained entry, without the key
+    path = tmp_path / "audit.jsonl"
+    forged = {"index": 1, "time": "2026-12-01T00:00:00+00:00", "event": "KeyVersionDisabled",
+              "key": {"namespace": "team-a", "name": "release", "uid": "k-1"}, "version": 1,
+              "prev": checkpoint.hash}
+    forged["hash"] = audit.entry_hash(forged)
+    forged["mac"] = hmac.new(b"guess" * 8, forged["hash"].encode(), hashlib.sha256).hexdigest()
+    path.write_bytes(path.read_bytes() + audit.canonical(forged) + b"\n")
+    assert audit.verify(path).index == 1  # the chain alone cannot tell
+    with pytest.raises(audit.AuditError, match="MAC"):
+        audit.AuditLog(tmp_path, checkpoint=checkpoint, mac=mac)
+    del forged["mac"]
+    path.write_bytes(b"".join(path.read_bytes().splitlines(keepends=True)[:1]) + audit.canonical(forged) + b"\n")
+    with pytest.raises(audit.AuditError, match="MAC"):
+        audit.AuditLog(tmp_path, checkpoint=checkpoint, mac=mac)
+    assert json.loads(path.read_bytes().splitlines()[0])["mac"]

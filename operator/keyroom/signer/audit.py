@@ -22,13 +22,14 @@ import dataclasses
 import datetime
 import fcntl
 import hashlib
+import hmac
 import json
 import os
 import pathlib
 import sys
 import threading
 import time
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from keyroom.signer import keys
 
@@ -53,7 +54,17 @@ def canonical(document: Any) -> bytes:
 
 
 def entry_hash(entry: dict) -> str:
-    return "sha256:" + hashlib.sha256(canonical({k: v for k, v in entry.items() if k != "hash"})).hexdigest()
+    return "sha256:" + hashlib.sha256(canonical({k: v for k, v in entry.items()
+                                                 if k not in ("hash", "mac")})).hexdigest()
+
+
+#: HMAC-SHA256 with a key that stays in the HSM (``Token.audit_mac``): bytes in, 32 bytes out
+Mac = Callable[[bytes], bytes]
+
+
+def entry_mac(entry: dict, mac: Mac) -> str:
+    """The entry's MAC: over its hash, which covers every other field and the chain before it."""
+    return mac(entry["hash"].encode()).hex()
 
 
 def digest_of(data: bytes) -> str:
@@ -66,8 +77,15 @@ class Head:
     hash: str
 
 
-def read_entries(path: pathlib.Path) -> Iterator[dict]:
-    """The entries of a log, each checked against its predecessor; raises AuditError at the first bad one."""
+def read_entries(path: pathlib.Path, *, mac: Mac | None = None) -> Iterator[dict]:
+    """The entries of a log, each checked against its predecessor; raises AuditError at the first bad one.
+
+    With ``mac`` (the signer's, backed by the HSM) every entry must also carry
+    a MAC only the signer could make: the hash chain alone shows an edit, a cut
+    or a reorder, but anyone with write access to the volume could append
+    entries that chain correctly. Without ``mac`` (an offline check) only the
+    chain is verified.
+    """
     previous, expected_index = GENESIS, 0
     with open(path, "rb") as log:
         for number, line in enumerate(log, start=1):
@@ -84,6 +102,9 @@ def read_entries(path: pathlib.Path) -> Iterator[dict]:
                 raise AuditError(f"entry {expected_index}: its prev hash does not match entry {expected_index - 1}")
             if entry_hash(entry) != entry.get("hash"):
                 raise AuditError(f"entry {expected_index}: its content does not match its hash (the log was edited)")
+            if mac is not None and not hmac.compare_digest(str(entry.get("mac", "")), entry_mac(entry, mac)):
+                raise AuditError(f"entry {expected_index}: its MAC is not the signer's (the entry was written by "
+                                 "someone else)")
             yield entry
             previous, expected_index = entry["hash"], expected_index + 1
 
@@ -144,8 +165,9 @@ class RequestRecord:
 class AuditLog:
     """An open log: appends entries durably and keeps the per-request memory of the signer."""
 
-    def __init__(self, directory: pathlib.Path, *, checkpoint: Head | None = None) -> None:
+    def __init__(self, directory: pathlib.Path, *, checkpoint: Head | None = None, mac: Mac | None = None) -> None:
         self.directory = directory
+        self.mac = mac
         self.path = directory / LOG_NAME
         self.results = directory / "results"
         self.results.mkdir(parents=True, exist_ok=True)
@@ -162,7 +184,7 @@ class AuditLog:
         self.recent: dict[int, tuple[datetime.datetime, str, str, int]] = {}
         hashes = {}
         if self.path.exists():
-            for entry in read_entries(self.path):
+            for entry in read_entries(self.path, mac=mac):
                 self._remember(entry)
                 if checkpoint is not None and entry["index"] == checkpoint.index:
                     hashes[entry["index"]] = entry["hash"]
@@ -203,6 +225,8 @@ class AuditLog:
                  "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="microseconds"),
                  "event": event, **fields, "prev": self.head.hash if self.head else GENESIS}
         entry["hash"] = entry_hash(entry)
+        if self.mac is not None:
+            entry["mac"] = entry_mac(entry, self.mac)
         self._file.write(canonical(entry) + b"\n")
         self._file.flush()
         os.fsync(self._file.fileno())
@@ -283,7 +307,7 @@ def lock_state_dir(directory: pathlib.Path) -> int:
 
 
 def start_new_chain(directory: pathlib.Path, *, checkpoint: Head | None, reason: str,
-                    instruction: dict[str, str]) -> AuditLog:
+                    instruction: dict[str, str], mac: Mac | None = None) -> AuditLog:
     """Set a broken log aside and start a new chain whose first entry says what was lost and why.
 
     Only an administrator's explicit instruction (``new-chain``) leads here.
@@ -299,7 +323,7 @@ def start_new_chain(directory: pathlib.Path, *, checkpoint: Head | None, reason:
     if path.exists():
         head = None
         try:
-            for entry in read_entries(path):
+            for entry in read_entries(path, mac=mac):
                 head = Head(entry["index"], entry["hash"])
                 if entry["event"] == "Signed":
                     signed.add(entry["request"]["uid"])
@@ -317,7 +341,7 @@ def start_new_chain(directory: pathlib.Path, *, checkpoint: Head | None, reason:
     results = directory / "results"
     if results.exists():
         signed.update(p.stem for p in results.glob("*.json"))
-    log = AuditLog(directory)
+    log = AuditLog(directory, mac=mac)
     log.append("ChainStarted", reason=reason, instruction=instruction, previous=previous,
                signedRequests=sorted(signed), consumedKeys=consumed)
     return log

@@ -112,6 +112,9 @@ class HSMError(Exception):
 # --------------------------------------------------------------------------- naming
 
 _LABEL_PREFIX = "keyroom:"
+#: the secret key that authenticates the signer's audit log entries (HMAC-SHA256)
+AUDIT_KEY_LABEL = "keyroom:audit-mac"
+AUDIT_KEY_ID = b"keyroom-audit-mac"
 _LABEL = re.compile(r"keyroom:(?P<namespace>[^/:\s]+)/(?P<name>[^/:\s]+):v(?P<version>[0-9]{1,10}):(?P<uid>[0-9a-fA-F-]{36})")
 _NAME_PART = re.compile(r"[^/:\s]+")
 
@@ -709,6 +712,50 @@ class Token:
             finally:
                 self._epoch += 1  # every session drops its cached key objects
                 self._give_back(pool, pooled)
+
+    def ensure_audit_key(self) -> None:
+        """Create the audit log's MAC key in the token unless it is there (a secret that never leaves it)."""
+        with self._admin_lock:
+            pool, pooled = self._borrow()
+            try:
+                self._check_login(pooled, "find the audit key")
+                if self._find(pooled.session, AUDIT_KEY_ID, ObjectClass.SECRET_KEY):
+                    return
+                pooled.session.generate_key(
+                    KeyType.GENERIC_SECRET, 256, id=AUDIT_KEY_ID, label=AUDIT_KEY_LABEL, store=True,
+                    capabilities=MechanismFlag.SIGN | MechanismFlag.VERIFY,
+                    template={Attribute.TOKEN: True, Attribute.PRIVATE: True, Attribute.SENSITIVE: True,
+                              Attribute.EXTRACTABLE: False, Attribute.ENCRYPT: False, Attribute.DECRYPT: False,
+                              Attribute.WRAP: False, Attribute.UNWRAP: False, Attribute.DERIVE: False})
+                logger.info("created the audit MAC key in the token")
+            except p11.PKCS11Error as error:
+                raise self._failure(pooled, error, "create the audit key") from None
+            finally:
+                self._give_back(pool, pooled)
+
+    def audit_mac(self, data: bytes) -> bytes:
+        """HMAC-SHA256 of ``data`` with the audit key: only a holder of the token's PIN can make one."""
+        pool = self._pool
+        if pool is None:
+            raise HSMError("DeviceError", f"the token {self.token_label!r} is not open")
+        pooled = pool.get()
+        try:
+            key = pooled.keys.get(AUDIT_KEY_ID)
+            if key is None:
+                found = self._find(pooled.session, AUDIT_KEY_ID, ObjectClass.SECRET_KEY)
+                if not found:
+                    self._check_login(pooled, "MAC with the audit key")
+                    raise HSMError("KeyNotFound", "the audit MAC key is not in the token")
+                key = pooled.keys[AUDIT_KEY_ID] = (found[0], False)
+            return key[0].sign(data, mechanism=Mechanism.SHA256_HMAC)
+        except p11.PKCS11Error as error:
+            pooled.keys.pop(AUDIT_KEY_ID, None)
+            raise self._failure(pooled, error, "MAC with the audit key") from None
+        finally:
+            if pooled.broken:
+                self._give_back(pool, pooled)
+            else:
+                pool.put(pooled)
 
     def list_objects(self) -> list[TokenObject]:
         """Every object on the token visible to its user, keyroom's or not."""

@@ -175,8 +175,11 @@ class RequestSigner:
     def __init__(self, *, state_dir: pathlib.Path, reader: ClusterReader,
                  in_token: Callable[[str, Callable[[hsm.Token], Any]], Awaitable[Any]],
                  keep_results: datetime.timedelta = datetime.timedelta(days=30),
-                 max_unchecked: int = MAX_UNCHECKPOINTED) -> None:
+                 max_unchecked: int = MAX_UNCHECKPOINTED,
+                 mac_source: Callable[[], audit.Mac | None] | None = None) -> None:
         self.state_dir = state_dir
+        #: the HSM-backed MAC of the log's entries, once the token is open (None: entries carry no MAC)
+        self._mac_source = mac_source
         #: how long signatures are kept for retries (well beyond any finished request's TTL)
         self.keep_results = keep_results
         #: how many entries the log may run ahead of its checkpoint before signing stops
@@ -201,13 +204,18 @@ class RequestSigner:
         checkpoint it sees; the signer looks for one every few seconds.
         """
         while self.log is None:
+            mac = self._mac_source() if self._mac_source is not None else None
+            if self._mac_source is not None and mac is None:
+                self.error = "waiting for the HSM token, which holds the audit log's MAC key"
+                await asyncio.sleep(min(retry_seconds, 0.5))
+                continue
             try:
                 checkpoint = await asyncio.to_thread(self.reader.read_checkpoint)
                 try:
-                    self.log = await asyncio.to_thread(audit.AuditLog, self.state_dir, checkpoint=checkpoint)
+                    self.log = await asyncio.to_thread(audit.AuditLog, self.state_dir, checkpoint=checkpoint, mac=mac)
                     self._checkpointed = checkpoint
                 except audit.AuditError as failure:
-                    if not await self._new_chain_if_instructed(checkpoint, failure):
+                    if not await self._new_chain_if_instructed(checkpoint, failure, mac):
                         raise
             except audit.AuditError as failure:
                 message = f"the audit log failed verification: {failure}"
@@ -229,13 +237,14 @@ class RequestSigner:
         self._head_changed.set()
         logger.info("audit log verified: %s entries", self.log.head.index + 1 if self.log.head else 0)
 
-    async def _new_chain_if_instructed(self, checkpoint: audit.Head | None, failure: audit.AuditError) -> bool:
+    async def _new_chain_if_instructed(self, checkpoint: audit.Head | None, failure: audit.AuditError,
+                                       mac: audit.Mac | None) -> bool:
         instruction = await asyncio.to_thread(self.reader.read_new_chain)
         if not instruction or instruction.get("supersedes") != audit.checkpoint_text(checkpoint):
             return False
         log = await asyncio.to_thread(audit.start_new_chain, self.state_dir, checkpoint=checkpoint,
                                       reason=instruction.get("reason", ""),
-                                      instruction={**instruction, "failure": str(failure)})
+                                      instruction={**instruction, "failure": str(failure)}, mac=mac)
         try:
             # The new chain counts only once its checkpoint is written: otherwise the next start would
             # see a log that does not match the old checkpoint and refuse again, which is the safe side.

@@ -179,7 +179,8 @@ class Signer:
         self.state_lock = audit.lock_state_dir(pathlib.Path(config.state_dir))  # StateLocked: one signer per state
         self.requests = requests.RequestSigner(state_dir=pathlib.Path(config.state_dir),
                                                reader=requests.ClusterReader(namespace=config.namespace),
-                                               in_token=self._in_token)
+                                               in_token=self._in_token,
+                                               mac_source=lambda: self.token.audit_mac if self.token else None)
 
     # -------------------------------------------------------------- the token
 
@@ -187,6 +188,11 @@ class Signer:
         token = hsm.Token(module_path=self.config.module_path, token_label=self.config.token_label,
                           pin=self.config.pin, sessions=self.config.sessions)
         token.open()
+        try:
+            token.ensure_audit_key()
+        except hsm.HSMError:
+            token.close()
+            raise
         self.token = token
 
     async def _keep_token_open(self) -> None:
@@ -269,7 +275,8 @@ class Signer:
             objects = await self._in_token("list", lambda t: t.list_objects())
             return web.json_response({"objects": [
                 {"label": o.label, "id": o.object_id, "class": o.object_class,
-                 "key": dataclasses.asdict(o.handle) if o.handle else None} for o in objects]})
+                 "key": dataclasses.asdict(o.handle) if o.handle else None} for o in objects
+                if o.label != hsm.AUDIT_KEY_LABEL]})  # the signer's own audit key is no stray object
         return await self._run("list", call)
 
     @staticmethod
