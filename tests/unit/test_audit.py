@@ -189,3 +189,15 @@ def test_entries_need_the_signers_mac_so_a_volume_writer_cannot_append(tmp_path)
     with pytest.raises(audit.AuditError, match="MAC"):
         audit.AuditLog(tmp_path, checkpoint=checkpoint, mac=mac)
     assert json.loads(path.read_bytes().splitlines()[0])["mac"]
+
+
+def test_stored_signatures_are_checked_against_their_signed_entry(tmp_path):
+    import base64
+    log = audit.AuditLog(tmp_path)
+    result = {"signatures": [{"name": "a", "value": base64.b64encode(b"sig-a").decode()}]}
+    intent = log.append("Intent", request=REQUEST, key=KEY, digests=[])
+    log.append("Signed", request=REQUEST, key=KEY, intent=intent["index"],
+               signatures=[{"name": "a", "hash": audit.digest_of(b"sig-a")}])
+    assert log.requests["u-1"].signed["signatures"] == audit.result_digest(result)
+    swapped = {"signatures": [{"name": "a", "value": base64.b64encode(b"other").decode()}]}
+    assert log.requests["u-1"].signed["signatures"] != audit.result_digest(swapped)

@@ -18,6 +18,7 @@ checks a log offline.
 from __future__ import annotations
 
 import argparse
+import base64
 import dataclasses
 import datetime
 import fcntl
@@ -69,6 +70,17 @@ def entry_mac(entry: dict, mac: Mac) -> str:
 
 def digest_of(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def signatures_digest(signatures: list[dict]) -> str:
+    """One hash of a Signed entry's signature list ({name, hash} each), to check stored signatures against."""
+    return digest_of(canonical([{"name": s["name"], "hash": s["hash"]} for s in signatures]))
+
+
+def result_digest(result: dict) -> str:
+    """The same hash, computed from stored signatures (base64 values)."""
+    return signatures_digest([{"name": s["name"], "hash": digest_of(base64.b64decode(s["value"]))}
+                              for s in result["signatures"]])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -210,7 +222,8 @@ class AuditLog:
             self.recent[entry["index"]] = (datetime.datetime.fromisoformat(entry["time"]),
                                            entry["request"]["namespace"], entry["key"]["name"], len(entry["digests"]))
         elif event == "Signed":
-            record.signed = {"index": entry["index"], "hash": entry["hash"]}
+            record.signed = {"index": entry["index"], "hash": entry["hash"],
+                             "signatures": signatures_digest(entry["signatures"])}
         elif event == "Abandoned":
             record.abandoned.append(entry["intent"])
             self.recent.pop(entry["intent"], None)

@@ -465,11 +465,22 @@ class RequestSigner:
             return {"state": "Unsigned"}
         if record.signed is None:
             return {"state": "Signing"}
-        result = self.log.load_result(uid)
+        result = self._stored(uid, record)
         if result is None:
             return {"state": "Signed", "audit": {"index": record.signed["index"],
                                                  "entryHash": record.signed["hash"]}}
         return {"state": "Signed", **self._answer(result, record.signed)}
+
+    def _stored(self, uid: str, record: audit.RequestRecord) -> dict | None:
+        """The stored signatures of a signed request, checked against its Signed entry (None: no longer kept)."""
+        result = self.log.load_result(uid)
+        expected = record.signed.get("signatures")
+        if result is not None and expected is not None and audit.result_digest(result) != expected:
+            logger.error("the stored signatures of %s do not match audit entry %d", uid, record.signed["index"])
+            raise Refused("StoredSignaturesCorrupt", f"the stored signatures of request {uid} do not match its "
+                                                     f"audit entry {record.signed['index']}: the signer's volume "
+                                                     "was written by someone else", status=500)
+        return result
 
     async def sign(self, *, namespace: str, name: str, uid: str, fingerprint: str) -> dict:
         """Sign the request once; repeated calls return the same signatures."""
@@ -484,7 +495,7 @@ class RequestSigner:
     async def _sign_locked(self, *, namespace: str, name: str, uid: str, fingerprint: str) -> dict:
         record = self.log.requests.get(uid)
         if record is not None and record.signed is not None:
-            result = self.log.load_result(uid)
+            result = self._stored(uid, record)
             if result is None:
                 raise Refused("AlreadySigned", f"request {uid} was signed (audit entry {record.signed['index']}) "
                                                "and its signatures are no longer kept", status=409)
@@ -492,7 +503,7 @@ class RequestSigner:
         if record is not None and record.open_intent:
             await self._resolve(uid, record)  # an earlier attempt failed half-way in this process
             if record.signed is not None:
-                return self._answer(self.log.load_result(uid), record.signed)
+                return self._answer(self._stored(uid, record), record.signed)
 
         request_ref = {"namespace": namespace, "name": name, "uid": uid}
         try:
