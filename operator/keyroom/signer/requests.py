@@ -324,6 +324,12 @@ class RequestSigner:
                 self._unlock_idle(lock_name, lock)
 
     async def _reconcile_key_locked(self, *, namespace: str, name: str, uid: str) -> dict:
+        known = self.log.keys.get(uid)
+        if known is not None and known.name and (known.namespace, known.name) != (namespace, name):
+            # A UID names one key for good: another name would make the signer read another object's spec
+            # (or none, as if the key were gone) and act on this key's versions by it.
+            raise Refused("KeyMismatch", f"UID {uid} is SigningKey {known.namespace}/{known.name}, not "
+                                         f"{namespace}/{name}", status=409)
         try:
             body = await self.reader.key(namespace, name)
         except Exception as error:
@@ -340,7 +346,8 @@ class RequestSigner:
             if self.log.restarted:
                 await self._adopt(record, spec)
                 record = self.log.keys.get(uid, record)
-        record.namespace, record.name = namespace, name
+        if not record.name:  # a record carried over a new chain knows only the key's UID
+            record.namespace, record.name = namespace, name
         meta = (body or {}).get("metadata") or {}
         deleted = body is None or bool(meta.get("deletionTimestamp"))
         annotations = meta.get("annotations") or {}
