@@ -1,9 +1,15 @@
-"""The shipped roles, bound per team namespace, keep teams in their own rooms."""
+"""The shipped roles, bound per team namespace, keep teams in their own rooms; the components get only what they use."""
 from __future__ import annotations
 
-import pytest
+import json
 
-from tests.conftest import apply, kubectl
+import pytest
+import yaml
+
+from keyroom.api import generate, rbac
+from keyroom.devenv.fixtures import SYSTEM_NAMESPACE as SYSTEM
+from keyroom.signer.audit import CHECKPOINT_NAME, NEW_CHAIN_NAME
+from tests.conftest import REPO, apply, get, kubectl, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -90,10 +96,188 @@ def test_dave_works_in_team_b(cluster):
     assert not can_i(cluster, "dave", "create", "signingkeys.keyroom.dev", "team-b")
 
 
-def test_the_shipped_roles_are_not_aggregated_into_edit(cluster):
-    result = kubectl(cluster, "auth", "can-i", "create", "signingkeys.keyroom.dev", "-n", "team-a",
-                     "--as=someone", "--as-group=editors")
-    assert result.stdout.strip() == "no"
+def test_the_shipped_roles_are_not_aggregated_into_edit_or_admin(cluster, unique):
+    """Someone bound to the built-in edit and admin roles in team-a can write pods, but no keyroom object."""
+    group = unique("team-a-editors")
+    for role in ("edit", "admin"):
+        assert apply(cluster, {
+            "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+            "metadata": {"name": f"{group}-{role}", "namespace": "team-a"},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": role},
+            "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "Group", "name": group}],
+        }).returncode == 0
+    try:
+        def as_editor(verb: str, resource: str) -> bool:
+            result = kubectl(cluster, "auth", "can-i", verb, resource, "-n", "team-a",
+                             "--as=someone", f"--as-group={group}")
+            return result.stdout.strip() == "yes"
+
+        # the bindings are live (the authorizer's cache follows within moments), so a "no" below means something
+        wait_for(lambda: as_editor("create", "pods") and as_editor("create", "rolebindings"),
+                 what="the edit and admin bindings to take effect")
+        for kind in ("signingkeys", "signingpolicies", "certificates", "signrequests"):
+            for verb in ("get", "create", "patch", "delete"):
+                assert not as_editor(verb, f"{kind}.keyroom.dev"), f"edit/admin grants {verb} {kind}"
+    finally:
+        for role in ("edit", "admin"):
+            kubectl(cluster, "delete", "rolebinding", f"{group}-{role}", "-n", "team-a", "--ignore-not-found")
     roles = kubectl(cluster, "get", "clusterroles", "-l", "app.kubernetes.io/part-of=keyroom", "-o",
                     "jsonpath={.items[*].metadata.labels}")
     assert "aggregate-to" not in roles.stdout
+
+
+# ---------------------------------------------------------------- the components' own identities
+
+def forbidden(result) -> bool:
+    return result.returncode != 0 and "forbidden" in result.stderr.lower()
+
+
+def _config_map(name: str, namespace: str, data: dict | None = None) -> dict:
+    return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": name, "namespace": namespace},
+            "data": data or {"owner": "someone else"}}
+
+
+@pytest.fixture
+def secrets_and_config_maps(cluster, unique):
+    """A Secret and a ConfigMap that are not keyroom's, in the signer's namespace and in a team's."""
+    made = []
+    for namespace in (SYSTEM, "team-a"):
+        name = unique("not-keyroom")
+        for document in (_config_map(name, namespace),
+                         {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name, "namespace": namespace},
+                          "stringData": {"password": "hunter2"}}):
+            assert apply(cluster, document).returncode == 0
+        made.append((namespace, name))
+    yield made
+    for namespace, name in made:
+        kubectl(cluster, "delete", "secret,configmap", name, "-n", namespace, "--ignore-not-found")
+
+
+@pytest.mark.parametrize("identity", ["operator", "signer"])
+def test_the_components_cannot_read_secrets(cluster, secrets_and_config_maps, identity):
+    for namespace, name in secrets_and_config_maps:
+        assert forbidden(kubectl(cluster, "get", "secret", name, "-n", namespace, identity=identity))
+        assert forbidden(kubectl(cluster, "get", "secrets", "-n", namespace, identity=identity))
+        assert kubectl(cluster, "get", "secret", name, "-n", namespace).returncode == 0  # it is there
+    assert forbidden(kubectl(cluster, "get", "secrets", "-A", identity=identity))
+
+
+def test_the_operator_cannot_touch_config_maps(cluster, secrets_and_config_maps):
+    for namespace, name in [*secrets_and_config_maps, (SYSTEM, CHECKPOINT_NAME), (SYSTEM, NEW_CHAIN_NAME)]:
+        assert forbidden(kubectl(cluster, "get", "configmap", name, "-n", namespace, identity="operator"))
+        assert forbidden(kubectl(cluster, "get", "configmaps", "-n", namespace, identity="operator"))
+        for verb in ("create", "update", "patch", "delete"):
+            assert not can_i(cluster, "operator", verb, f"configmaps/{name}", namespace)
+
+
+@pytest.mark.parametrize("kind", ["signingkeys", "signingpolicies", "certificates", "signrequests"])
+def test_the_operator_cannot_create_or_replace_keyroom_objects(cluster, kind):
+    for verb in ("create", "update", "deletecollection"):
+        assert not can_i(cluster, "operator", verb, f"{kind}.keyroom.dev", "team-a")
+    assert can_i(cluster, "operator", "delete", f"{kind}.keyroom.dev", "team-a") == (kind == "signrequests")
+
+
+def test_the_operator_cannot_create_a_key_or_a_policy(cluster, unique):
+    for document in (_key(unique("key"), "team-a"), _policy(unique("policy"), "team-a")):
+        assert forbidden(apply(cluster, document, identity="operator"))
+
+
+def test_the_operator_can_do_what_its_code_does(cluster):
+    """The rights the reconcilers and Kopf use; without them the negative tests above would prove little."""
+    for kind in ("signingkeys", "signingpolicies", "certificates", "signrequests"):
+        for verb in ("get", "list", "watch", "patch"):
+            assert can_i(cluster, "operator", verb, f"{kind}.keyroom.dev", "team-a")
+        assert can_i(cluster, "operator", "patch", f"{kind}.keyroom.dev", "team-a", "--subresource=status")
+    assert can_i(cluster, "operator", "create", "events", "team-a")
+    assert can_i(cluster, "operator", "list", "customresourcedefinitions.apiextensions.k8s.io", "default")
+    assert can_i(cluster, "operator", "watch", "namespaces", "default")
+
+
+def test_the_signer_changes_no_config_map_but_its_checkpoint(cluster, secrets_and_config_maps):
+    patch = ["--type=merge", "-p", '{"data": {"owner": "the signer"}}', "--dry-run=server"]
+    for namespace, name in secrets_and_config_maps:
+        assert kubectl(cluster, "get", "configmap", name, "-n", namespace).returncode == 0  # it is there
+        assert forbidden(kubectl(cluster, "patch", "configmap", name, "-n", namespace, *patch, identity="signer"))
+        assert forbidden(kubectl(cluster, "replace", "--dry-run=server", "-f", "-", identity="signer",
+                                 input=yaml.safe_dump(_config_map(name, namespace, {"owner": "the signer"}))))
+        assert forbidden(kubectl(cluster, "delete", "configmap", name, "-n", namespace, "--dry-run=server",
+                                 identity="signer"))
+        assert forbidden(kubectl(cluster, "get", "configmap", name, "-n", namespace, identity="signer"))
+        assert forbidden(kubectl(cluster, "get", "configmaps", "-n", namespace, identity="signer"))
+    # its own checkpoint: authorised (a dry run leaves the running signer's checkpoint as it is; before the first
+    # signature kubectl's own read of it finds nothing, which is not a refusal either)
+    checkpoint = kubectl(cluster, "patch", "configmap", CHECKPOINT_NAME, "-n", SYSTEM, *patch, identity="signer")
+    assert not forbidden(checkpoint), checkpoint.stderr
+    for verb in ("get", "update", "patch"):
+        assert can_i(cluster, "signer", verb, f"configmaps/{CHECKPOINT_NAME}", SYSTEM)
+    assert not can_i(cluster, "signer", "delete", f"configmaps/{CHECKPOINT_NAME}", SYSTEM)
+    # ConfigMap rights only in its own namespace: no checkpoint of its own anywhere else
+    for verb in ("create", "get", "patch"):
+        assert not can_i(cluster, "signer", verb, f"configmaps/{CHECKPOINT_NAME}", "team-a")
+
+
+@pytest.fixture
+def new_chain_instruction(cluster):
+    """An administrator's new-chain instruction that supersedes no checkpoint, so the signer never acts on it."""
+    instruction = _config_map(NEW_CHAIN_NAME, SYSTEM, {"supersedes": "0:sha256:not-a-checkpoint",
+                                                       "reason": "RBAC test, never acted on"})
+    created = kubectl(cluster, "create", "-f", "-", input=yaml.safe_dump(instruction))
+    assert created.returncode == 0, created.stderr
+    yield instruction
+    kubectl(cluster, "delete", "configmap", NEW_CHAIN_NAME, "-n", SYSTEM, "--ignore-not-found")
+
+
+def test_the_signer_reads_but_never_writes_the_new_chain_instruction(cluster, new_chain_instruction):
+    read = kubectl(cluster, "get", "configmap", NEW_CHAIN_NAME, "-n", SYSTEM, "-o", "json", identity="signer")
+    assert read.returncode == 0, read.stderr
+    assert json.loads(read.stdout)["data"] == new_chain_instruction["data"]
+    for verb in ("update", "patch", "delete", "list", "watch"):
+        assert not can_i(cluster, "signer", verb, f"configmaps/{NEW_CHAIN_NAME}", SYSTEM)
+    forged = dict(new_chain_instruction, data={"supersedes": "none", "reason": "forged by the signer"})
+    for args in (["patch", "configmap", NEW_CHAIN_NAME, "-n", SYSTEM, "--type=merge", "-p",
+                  '{"data": {"reason": "forged by the signer"}}'],
+                 ["delete", "configmap", NEW_CHAIN_NAME, "-n", SYSTEM]):
+        assert forbidden(kubectl(cluster, *args, identity="signer"))
+    assert forbidden(kubectl(cluster, "replace", "-f", "-", identity="signer", input=yaml.safe_dump(forged)))
+    unchanged = kubectl(cluster, "get", "configmap", NEW_CHAIN_NAME, "-n", SYSTEM, "-o", "json")
+    assert json.loads(unchanged.stdout)["data"] == new_chain_instruction["data"]
+
+
+@pytest.mark.parametrize("kind", ["signingkeys", "signingpolicies", "certificates", "signrequests"])
+def test_the_signer_writes_no_keyroom_object_nor_status(cluster, kind):
+    for verb in ("get", "list", "watch"):
+        assert can_i(cluster, "signer", verb, f"{kind}.keyroom.dev", "team-a")
+    for verb in ("create", "update", "patch", "delete", "deletecollection"):
+        assert not can_i(cluster, "signer", verb, f"{kind}.keyroom.dev", "team-a")
+    for verb in ("update", "patch"):
+        assert not can_i(cluster, "signer", verb, f"{kind}.keyroom.dev", "team-a", "--subresource=status")
+
+
+def test_the_signer_cannot_change_a_key_or_its_status(cluster, unique):
+    name = unique("key")
+    assert apply(cluster, _key(name, "team-a")).returncode == 0
+    assert forbidden(kubectl(cluster, "label", "signingkey", name, "-n", "team-a", "x=y", identity="signer"))
+    assert forbidden(kubectl(cluster, "patch", "signingkey", name, "-n", "team-a", "--subresource=status",
+                             "--type=merge", "-p", '{"status": {"phase": "Destroyed"}}', identity="signer"))
+    assert forbidden(apply(cluster, _key(unique("key"), "team-a"), identity="signer"))
+
+
+def test_the_devenv_and_the_chart_bind_exactly_the_generated_rbac(cluster):
+    installed = get(cluster, "role", rbac.SIGNER, namespace=SYSTEM)
+    assert installed["rules"] == rbac.signer_role(SYSTEM)["rules"]
+    for name in (rbac.OPERATOR, rbac.SIGNER):
+        binding = json.loads(kubectl(cluster, "get", "clusterrolebinding", name, "-o", "json").stdout)
+        assert binding["subjects"] == [{"kind": "ServiceAccount", "name": name, "namespace": SYSTEM}]
+    for path, text in generate.rendered_chart().items():
+        on_disk = (REPO / "charts" / "keyroom" / path).read_text()
+        assert on_disk == text, f"charts/keyroom/{path} is stale; run `make crds`"
+
+
+@pytest.mark.xfail(strict=True, reason="RBAC cannot limit create by name: the signer may create any ConfigMap in "
+                                       "its namespace, so also a new-chain instruction that does not exist yet; "
+                                       "closing it needs an admission policy on the signer's creates")
+def test_the_signer_cannot_create_the_new_chain_instruction(cluster):
+    instruction = _config_map(NEW_CHAIN_NAME, SYSTEM, {"supersedes": "none", "reason": "forged by the signer"})
+    created = kubectl(cluster, "create", "--dry-run=server", "-f", "-", identity="signer",
+                      input=yaml.safe_dump(instruction))
+    assert forbidden(created), created.stderr

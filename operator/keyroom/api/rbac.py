@@ -1,6 +1,7 @@
-"""The shipped ClusterRoles, least privilege first.
+"""Who may do what: the shipped roles, least privilege first.
 
-People get them through RoleBindings in their team's namespace:
+People get ClusterRoles through RoleBindings in their team's namespace, so a
+role never reaches beyond the namespaces it is bound in:
 
 - ``keyroom-viewer``: read the four kinds.
 - ``keyroom-requester``: read, and create SignRequests.
@@ -9,29 +10,68 @@ People get them through RoleBindings in their team's namespace:
 - ``keyroom-admin``: manage keys, certificates, policies and requests. Never
   status, which only the operator writes.
 
-The components get cluster-wide roles: ``keyroom-operator`` (reconcile the
-four kinds and write their status) and ``keyroom-signer`` (read-only, plus
-TokenReview to authenticate its callers). Nothing is aggregated into the
-built-in ``edit`` or ``admin`` roles: writing keys and policies is a
-platform-admin right.
+Nothing is aggregated into the built-in ``edit`` or ``admin`` roles: writing
+keys and policies is a platform-admin right.
+
+The two components run under their own ServiceAccounts and get exactly what
+their code calls, nothing for later:
+
+- ``keyroom-operator`` (ClusterRole, bound cluster-wide: it reconciles every
+  team's namespace): get/list/watch/patch on the four kinds (Kopf watches them
+  and patches metadata: its finalizer and bookkeeping annotations); patch on
+  their ``/status`` (it is the only writer of status); delete on SignRequests
+  (removing finished requests after their TTL); create core ``events`` (Kopf
+  posts core v1 Events only); get/list/watch on namespaces and
+  CustomResourceDefinitions (Kopf's cluster observation). It runs Kopf
+  standalone, so it needs no peering objects, and it has no right at all on
+  Secrets or ConfigMaps and no create/update of the kinds: spec is written by
+  people, and a stolen operator token reads no secret in any namespace. (Patch
+  on the kinds could also touch spec; the admission policy refuses that.)
+- ``keyroom-signer`` (ClusterRole, bound cluster-wide): get/list/watch on the
+  four kinds (it re-reads every request, key and policy itself, in whatever
+  namespace it lives) and create TokenReviews (to authenticate its callers).
+  Read-only everywhere: it writes no keyroom object and no status.
+- ``keyroom-signer`` (Role, only in the signer's own namespace, see
+  :func:`signer_role`): the audit checkpoint ConfigMap. It may create
+  ConfigMaps (the checkpoint does not exist before the first signature),
+  get/update/patch only ``keyroom-audit-checkpoint``, and only get
+  ``keyroom-audit-new-chain``: an administrator's instruction to start a new
+  audit chain, which the signer must not be able to give itself. It cannot
+  read, change or delete any other ConfigMap and reads no Secret: its PIN and
+  TLS key are mounted files. RBAC cannot limit ``create`` by name, so while no
+  new-chain instruction exists the signer's identity could create one; only an
+  admission policy on the signer's creates can close that.
+
+:func:`cluster_roles` is generated into ``crds/rbac.yaml``;
+:func:`component_bindings` (ServiceAccount bindings plus the namespaced Role)
+into the Helm chart's ``templates/rbac.yaml`` and the local control plane.
 """
 from __future__ import annotations
 
 from keyroom.api.common import GROUP
-from keyroom.signer.audit import CHECKPOINT_NAME
+from keyroom.signer.audit import CHECKPOINT_NAME, NEW_CHAIN_NAME
 
 KINDS = ["signingkeys", "certificates", "signingpolicies", "signrequests"]
 READ = ["get", "list", "watch"]
+RBAC_API = "rbac.authorization.k8s.io"
+OPERATOR = "keyroom-operator"
+SIGNER = "keyroom-signer"
+LABELS = {"app.kubernetes.io/part-of": "keyroom"}
+
+
+def _metadata(name: str, description: str | None = None, namespace: str | None = None) -> dict:
+    metadata: dict = {"name": name}
+    if namespace is not None:
+        metadata["namespace"] = namespace
+    metadata["labels"] = dict(LABELS)
+    if description is not None:
+        metadata["annotations"] = {"keyroom.dev/description": description}
+    return metadata
 
 
 def _role(name: str, rules: list[dict], description: str) -> dict:
-    return {
-        "apiVersion": "rbac.authorization.k8s.io/v1",
-        "kind": "ClusterRole",
-        "metadata": {"name": name, "labels": {"app.kubernetes.io/part-of": "keyroom"},
-                     "annotations": {"keyroom.dev/description": description}},
-        "rules": rules,
-    }
+    return {"apiVersion": f"{RBAC_API}/v1", "kind": "ClusterRole", "metadata": _metadata(name, description),
+            "rules": rules}
 
 
 def _keyroom(resources: list[str], verbs: list[str]) -> dict:
@@ -48,24 +88,56 @@ def cluster_roles() -> list[dict]:
               "Read keyroom objects and append one's own approval or denial to SignRequests."),
         _role("keyroom-admin", [_keyroom(KINDS, [*READ, "create", "update", "patch", "delete", "deletecollection"])],
               "Manage SigningKeys, Certificates, SigningPolicies and SignRequests."),
-        _role("keyroom-operator", [
-            _keyroom(KINDS, [*READ, "patch", "update"]),
-            _keyroom([f"{kind}/status" for kind in KINDS], ["get", "patch", "update"]),
+        _role(OPERATOR, [
+            _keyroom(KINDS, [*READ, "patch"]),
+            _keyroom([f"{kind}/status" for kind in KINDS], ["patch"]),
             _keyroom(["signrequests"], ["delete"]),
-            {"apiGroups": [""], "resources": ["events"], "verbs": ["create", "patch"]},
-            {"apiGroups": ["events.k8s.io"], "resources": ["events"], "verbs": ["create", "patch"]},
-            {"apiGroups": [""], "resources": ["secrets", "configmaps"],
-             "verbs": [*READ, "create", "update", "patch"]},
+            {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},
             {"apiGroups": [""], "resources": ["namespaces"], "verbs": READ},
             {"apiGroups": ["apiextensions.k8s.io"], "resources": ["customresourcedefinitions"], "verbs": READ},
-        ], "The keyroom operator: reconciles the four kinds and writes their status."),
-        _role("keyroom-signer", [
+        ], "The keyroom operator: watches the four kinds, patches their metadata and status, deletes finished "
+           "SignRequests, posts events. No Secrets, no ConfigMaps."),
+        _role(SIGNER, [
             _keyroom(KINDS, READ),
             {"apiGroups": ["authentication.k8s.io"], "resources": ["tokenreviews"], "verbs": ["create"]},
-            # the audit checkpoint: it may create a ConfigMap, but change only its own
+        ], "The keyroom signer: re-reads requests, keys and policies and authenticates its callers. Its audit "
+           "checkpoint rights are a Role in its own namespace."),
+    ]
+
+
+def signer_role(namespace: str) -> dict:
+    """The signer's rights in its own namespace: its audit checkpoint, and reading the new-chain instruction."""
+    return {
+        "apiVersion": f"{RBAC_API}/v1",
+        "kind": "Role",
+        "metadata": _metadata(SIGNER, "The keyroom signer's audit checkpoint: create it, then change only it; "
+                                      "read (never write) an administrator's new-chain instruction.", namespace),
+        "rules": [
+            # create cannot be limited by name; the checkpoint is created on the first signature
             {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["create"]},
             {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get", "update", "patch"],
              "resourceNames": [CHECKPOINT_NAME]},
-        ], "The keyroom signer: re-reads requests, keys and policies, authenticates its callers, and "
-           "checkpoints its audit log."),
+            {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get"], "resourceNames": [NEW_CHAIN_NAME]},
+        ],
+    }
+
+
+def _binding(kind: str, role_kind: str, name: str, namespace: str) -> dict:
+    """A binding of the role ``name`` to the ServiceAccount ``name`` in ``namespace``."""
+    return {
+        "apiVersion": f"{RBAC_API}/v1",
+        "kind": kind,
+        "metadata": _metadata(name, namespace=namespace if kind == "RoleBinding" else None),
+        "roleRef": {"apiGroup": RBAC_API, "kind": role_kind, "name": name},
+        "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": namespace}],
+    }
+
+
+def component_bindings(namespace: str) -> list[dict]:
+    """Bindings of the components' ServiceAccounts in ``namespace`` to their roles, and the signer's Role there."""
+    return [
+        _binding("ClusterRoleBinding", "ClusterRole", OPERATOR, namespace),
+        _binding("ClusterRoleBinding", "ClusterRole", SIGNER, namespace),
+        signer_role(namespace),
+        _binding("RoleBinding", "Role", SIGNER, namespace),
     ]

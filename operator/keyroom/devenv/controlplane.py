@@ -305,7 +305,9 @@ def _start(supervisor: _Supervisor, found: binaries_module.Binaries, *, operator
         str(found.kube_controller_manager), f"--kubeconfig={state_dir / 'kubeconfig'}",
         f"--authentication-kubeconfig={state_dir / 'kubeconfig'}",
         f"--authorization-kubeconfig={state_dir / 'kubeconfig'}",
-        "--controllers=garbagecollector,namespace,serviceaccount",
+        # clusterrole-aggregation fills the built-in admin/edit/view roles, as in any real cluster (RBAC tests
+        # check that keyroom's roles are not aggregated into them)
+        "--controllers=garbagecollector,namespace,serviceaccount,clusterrole-aggregation-controller",
         "--leader-elect=false", "--bind-address=127.0.0.1", f"--secure-port={kcm_port}", "--v=1",
     ])
     environment = Environment(state_dir=state_dir, server=server, kubectl=found.kubectl)

@@ -2,9 +2,13 @@
 
 Each identity gets a kubeconfig (``kubeconfig-<identity>``; ``kubeconfig`` for
 admin). Teams are namespaces; RoleBindings grant the shipped keyroom roles to a
-team's groups in that team's namespace only, as a platform team would.
+team's groups in that team's namespace only, as a platform team would. The
+operator and the signer run as ServiceAccounts in ``keyroom-system`` with the
+same bindings the Helm chart makes (:func:`keyroom.api.rbac.component_bindings`).
 """
 from __future__ import annotations
+
+from keyroom.api import rbac
 
 #: username -> groups carried in the client certificate
 IDENTITIES: dict[str, list[str]] = {
@@ -19,8 +23,8 @@ SYSTEM_NAMESPACE = "keyroom-system"
 
 #: kubeconfig name -> (namespace, ServiceAccount); these authenticate with TokenRequest tokens
 SERVICE_ACCOUNTS: dict[str, tuple[str, str]] = {
-    "operator": (SYSTEM_NAMESPACE, "keyroom-operator"),
-    "signer": (SYSTEM_NAMESPACE, "keyroom-signer"),
+    "operator": (SYSTEM_NAMESPACE, rbac.OPERATOR),
+    "signer": (SYSTEM_NAMESPACE, rbac.SIGNER),
 }
 
 #: namespace -> [(group, ClusterRole)]
@@ -47,11 +51,6 @@ def manifests() -> list[dict]:
     for namespace, service_account in SERVICE_ACCOUNTS.values():
         documents.append({"apiVersion": "v1", "kind": "ServiceAccount",
                           "metadata": {"name": service_account, "namespace": namespace}})
-        documents.append({
-            "apiVersion": "rbac.authorization.k8s.io/v1",
-            "kind": "ClusterRoleBinding",
-            "metadata": {"name": service_account},
-            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": service_account},
-            "subjects": [{"kind": "ServiceAccount", "name": service_account, "namespace": namespace}],
-        })
+    # the same bindings as the Helm chart's: ClusterRoleBindings, and the signer's Role in its own namespace only
+    documents.extend(rbac.component_bindings(SYSTEM_NAMESPACE))
     return documents
