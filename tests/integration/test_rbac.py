@@ -273,10 +273,8 @@ def test_the_devenv_and_the_chart_bind_exactly_the_generated_rbac(cluster):
         assert on_disk == text, f"charts/keyroom/{path} is stale; run `make crds`"
 
 
-@pytest.mark.xfail(strict=True, reason="RBAC cannot limit create by name: the signer may create any ConfigMap in "
-                                       "its namespace, so also a new-chain instruction that does not exist yet; "
-                                       "closing it needs an admission policy on the signer's creates")
 def test_the_signer_cannot_create_the_new_chain_instruction(cluster):
+    """RBAC cannot limit create by name; the admission policy keyroom-signer-creates-only-its-checkpoint does."""
     instruction = _config_map(NEW_CHAIN_NAME, SYSTEM, {"supersedes": "none", "reason": "forged by the signer"})
     created = kubectl(cluster, "create", "--dry-run=server", "-f", "-", identity="signer",
                       input=yaml.safe_dump(instruction))

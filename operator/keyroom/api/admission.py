@@ -1,4 +1,4 @@
-"""The ValidatingAdmissionPolicies that make SignRequest identities authentic and the operator harmless.
+"""The ValidatingAdmissionPolicies that make SignRequest identities authentic and the components harmless.
 
 The API server, not the operator, checks who asked and who approved, from
 ``request.userInfo`` of the very request that writes the object:
@@ -18,15 +18,20 @@ says, nor the ``keyroom.dev/rotate`` annotation, which the signer acts on. A
 compromised operator therefore cannot relax a policy to get a pending request
 signed (the signer re-reads the policies, and only admins write them), nor
 rotate keys until their old versions fall out of ``keepVersions``.
+
+A third lets the signer's identity create no ConfigMap but its own
+checkpoint: RBAC cannot limit ``create`` by name, and the administrator's
+new-chain instruction, which the signer only reads, must never be the
+signer's own.
 """
 from __future__ import annotations
 
-from keyroom.api.common import GROUP
+from keyroom.api.common import GROUP, ROTATE_ANNOTATION
+from keyroom.signer.audit import CHECKPOINT_NAME
 
 POLICY_NAME = "keyroom-signrequest-identity"
-#: the annotation that asks for a manual rotation: an input to the signer, so people's alone to write
-ROTATE_ANNOTATION = f"{GROUP}/rotate"
 OPERATOR_POLICY_NAME = "keyroom-operator-writes-no-spec"
+SIGNER_POLICY_NAME = "keyroom-signer-creates-only-its-checkpoint"
 KINDS = ["signingkeys", "certificates", "signingpolicies", "signrequests"]
 
 
@@ -125,6 +130,31 @@ def operator_admission_policy() -> dict:
     }
 
 
+def signer_admission_policy() -> dict:
+    """The signer's ServiceAccount may create only its checkpoint ConfigMap (RBAC cannot limit create by name)."""
+    return {
+        "apiVersion": "admissionregistration.k8s.io/v1",
+        "kind": "ValidatingAdmissionPolicy",
+        "metadata": {"name": SIGNER_POLICY_NAME, "labels": {"app.kubernetes.io/part-of": "keyroom"}},
+        "spec": {
+            "failurePolicy": "Fail",
+            "matchConstraints": {"resourceRules": [{
+                "apiGroups": [""], "apiVersions": ["v1"], "operations": ["CREATE"], "resources": ["configmaps"],
+            }]},
+            "matchConditions": [{
+                "name": "the-keyroom-signer",
+                "expression": "request.userInfo.username.startsWith('system:serviceaccount:') && "
+                              "request.userInfo.username.endsWith(':keyroom-signer')",
+            }],
+            "validations": [
+                _check(f"object.metadata.name == '{CHECKPOINT_NAME}'",
+                       f"'the keyroom signer may create only its checkpoint ConfigMap {CHECKPOINT_NAME}, not ' + "
+                       "object.metadata.name"),
+            ],
+        },
+    }
+
+
 def _binding(policy: str) -> dict:
     return {
         "apiVersion": "admissionregistration.k8s.io/v1",
@@ -137,4 +167,5 @@ def _binding(policy: str) -> dict:
 def policies() -> list[dict]:
     """Both policies with their bindings, in apply order."""
     return [validating_admission_policy(), _binding(POLICY_NAME),
-            operator_admission_policy(), _binding(OPERATOR_POLICY_NAME)]
+            operator_admission_policy(), _binding(OPERATOR_POLICY_NAME),
+            signer_admission_policy(), _binding(SIGNER_POLICY_NAME)]

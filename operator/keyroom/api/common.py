@@ -11,6 +11,8 @@ import dataclasses
 from keyroom.api.schema import Schema, array, integer, name, obj, string, timestamp
 
 GROUP = "keyroom.dev"
+#: the annotation that asks for a manual rotation: an input to the signer, so people\'s alone to write
+ROTATE_ANNOTATION = f"{GROUP}/rotate"
 VERSION = "v1alpha1"
 API_VERSION = f"{GROUP}/{VERSION}"
 CATEGORY = "keyroom"

@@ -30,7 +30,7 @@ from typing import Mapping
 
 from keyroom import schedule
 
-from keyroom.api.admission import ROTATE_ANNOTATION  # noqa: E402  (one name for it)
+from keyroom.api.common import ROTATE_ANNOTATION
 DEFAULT_KEEP_VERSIONS = 3
 DEFAULT_DESTRUCTION_DELAY = "7d"
 #: how many destroyed versions the mirror in status shows (the log keeps them all)
