@@ -5,7 +5,7 @@ STATE_DIR ?= .dev
 PY := $(VENV)/bin/python
 KUBECTL = $(shell $(PY) -m keyroom.devenv binaries | sed -n 's/^kubectl=//p')
 
-.PHONY: help venv binaries test unit integration crds dev dev-down bench clean
+.PHONY: help venv binaries test unit integration crds dev dev-down bench clean mutation
 
 help:
 	@echo "make dev        start a local keyroom (control plane + operator) in $(STATE_DIR)/ and show it working"
@@ -14,6 +14,7 @@ help:
 	@echo "make unit       unit tests only (no cluster)"
 	@echo "make crds       regenerate crds/ from operator/keyroom/api"
 	@echo "make bench      measure the signer and SignRequests end to end (figures as ratios to raw python-pkcs11)"
+	@echo "make mutation   mutation-test the guards (policy, the signer's requests, keys, audit log, service) with mutmut"
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -c 'import sys; sys.exit("keyroom needs Python >= 3.11") if sys.version_info < (3, 11) else None'
@@ -66,3 +67,32 @@ clean:
 bench: venv binaries
 	$(PY) bench/signer.py
 	$(PY) bench/signrequest.py
+
+# Mutation testing (mutmut, configured in pyproject.toml [tool.mutmut]): mutmut names mutants after the file's path,
+# which must be the module's, so it runs in $(MUTATION_DIR)/ where keyroom, tests and pyproject.toml are links.
+# A fresh run each time; MUTATION_JOBS workers (the machine's cores by default). Survivors are listed at the end;
+# `cd $(MUTATION_DIR) && ../$(VENV)/bin/mutmut show NAME` shows one.
+MUTATION_DIR ?= .mutation
+MUTATION_JOBS ?= $(shell nproc 2>/dev/null || echo 2)
+MUTMUT = $(abspath $(VENV))/bin/mutmut
+
+$(VENV)/.mutation-installed: $(VENV)/.installed pyproject.toml
+	$(PY) -m pip install --quiet -e '.[test,mutation]'
+	touch $@
+
+mutation: $(VENV)/.mutation-installed
+	rm -rf $(MUTATION_DIR)
+	mkdir -p $(MUTATION_DIR)
+	ln -s $(CURDIR)/operator/keyroom $(MUTATION_DIR)/keyroom
+	ln -s $(CURDIR)/tests $(MUTATION_DIR)/tests
+	ln -s $(CURDIR)/pyproject.toml $(MUTATION_DIR)/pyproject.toml
+	@echo "mutmut run with $(MUTATION_JOBS) workers; its progress is in $(MUTATION_DIR)/run.log"
+	@cd $(MUTATION_DIR) && start=$$(date +%s) && $(MUTMUT) run --max-children $(MUTATION_JOBS) > run.log 2>&1; \
+	  status=$$?; echo "mutmut run took $$(( $$(date +%s) - start ))s (exit status $$status)"; \
+	  tr '\r' '\n' < run.log | grep -v -e '^ *$$' -e '[0-9]/[0-9]' -e 'Generating mutants' -e 'Running' | tail -n 5; \
+	  exit $$status
+	@cd $(MUTATION_DIR) && $(MUTMUT) export-cicd-stats > /dev/null && cat mutants/mutmut-cicd-stats.json
+	@echo "mutants not killed, by status:"
+	@cd $(MUTATION_DIR) && $(MUTMUT) results | sed 's/.*: //' | sort | uniq -c
+	@echo "surviving mutants (see one with: cd $(MUTATION_DIR) && $(MUTMUT) show NAME):"
+	@cd $(MUTATION_DIR) && $(MUTMUT) results | grep ': survived$$' || echo "  none"
