@@ -281,10 +281,6 @@ def test_a_consumed_one_time_key_stays_consumed_after_a_new_chain(cluster, uniqu
     assert code == 403 and answer["reason"] == "KeyConsumed", (code, answer)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "product bug: operator/keyroom/api/rbac.py signer_role() grants the signer 'create' on every ConfigMap of "
-    "its namespace, so while no instruction exists the signer's own identity can create "
-    "keyroom-audit-new-chain and order its own new chain, which the Role's description says it must not"))
 def test_the_signers_identity_cannot_give_itself_a_new_chain_instruction(cluster):
     kubectl(cluster, "delete", "configmap", "keyroom-audit-new-chain", "-n", "keyroom-system", "--ignore-not-found")
     created = kubectl(cluster, "create", "configmap", "keyroom-audit-new-chain", "-n", "keyroom-system",
@@ -292,3 +288,9 @@ def test_the_signers_identity_cannot_give_itself_a_new_chain_instruction(cluster
     if created.returncode == 0:
         kubectl(cluster, "delete", "configmap", "keyroom-audit-new-chain", "-n", "keyroom-system")
     assert created.returncode != 0 and "forbidden" in created.stderr, created.stdout
+    # nor change or remove one an administrator wrote
+    assert new_chain(cluster, "an administrator's instruction").returncode == 0
+    for verb in (("label", "configmap", "keyroom-audit-new-chain", "forged=yes"),
+                 ("delete", "configmap", "keyroom-audit-new-chain")):
+        changed = kubectl(cluster, *verb, "-n", "keyroom-system", identity="signer")
+        assert changed.returncode != 0 and "forbidden" in changed.stderr, changed.stdout

@@ -107,14 +107,10 @@ def test_reconcile_of_a_uid_that_is_not_the_named_keys_is_refused(cluster, room)
     assert not _key_entries(cluster, forged)
 
 
-UNKNOWN_OBJECT_ANSWERED = (
-    "product bug: operator/keyroom/signer/requests.py RequestSigner._reconcile_key_locked treats a UID the signer "
-    "knows, named under a namespace/name where no object with that UID exists, as a deleted key (body = None, "
-    "spec = None) instead of refusing: it answers 200 with that key's record (another team's too) and renames the "
-    "record (record.namespace, record.name = namespace, name), so later audit entries carry the forged name")
+#: how the signer refuses a call that names an object it cannot find as named
+REFUSED = {400: "InvalidRequest", 404: "KeyNotFound", 409: "KeyMismatch"}
 
 
-@pytest.mark.xfail(strict=True, reason=UNKNOWN_OBJECT_ANSWERED)
 @pytest.mark.parametrize("case", ["another team's key in team-a's path", "another key's UID under this key's name"])
 def test_reconcile_naming_a_key_in_the_wrong_place_is_refused(cluster, room, case):
     """A real UID the signer knows, under a namespace/name that is not that key's."""
@@ -122,14 +118,16 @@ def test_reconcile_naming_a_key_in_the_wrong_place_is_refused(cluster, room, cas
     path = f"/v1/keys/{NAMESPACE}/{name}/{room['other_uid']}/reconcile"
     before, entries_before = token_labels(cluster), _key_entries(cluster, room["other_uid"])
     status, answer = signer_call(cluster, "POST", path)
+    assert status in REFUSED and answer["reason"] == REFUSED[status], (status, answer)
+    assert "versions" not in answer  # not team-b's key record
     assert token_labels(cluster) == before
     assert _key_entries(cluster, room["other_uid"]) == entries_before
-    assert status == 404 and answer["reason"] == "KeyNotFound", (status, answer)  # not team-b's key record
+    # the key is still the signer's team-b key: its own reconcile answers under its own name
+    status, answer = signer_call(cluster, "POST", f"/v1/keys/team-b/{room['other']}/{room['other_uid']}/reconcile")
+    assert status == 200 and answer["currentVersion"] == 1, answer
+    assert all(e["key"]["namespace"] == "team-b" for e in _key_entries(cluster, room["other_uid"]))
 
 
-@pytest.mark.xfail(strict=True, reason=UNKNOWN_OBJECT_ANSWERED + "; with spec = None, destroy_at() in "
-                   "operator/keyroom/signer/keys.py uses the delay recorded at scheduling, not the spec's current "
-                   "destructionDelay, so a version is destroyed in the HSM before the spec allows")
 def test_a_reconcile_under_a_wrong_name_cannot_destroy_a_version_before_the_spec_allows(cluster, unique):
     """A retired version scheduled with an 8 s delay that an admin then extends to 1 h stays in the token."""
     key = make_key(cluster, unique, rotation={"every": "90d", "keepVersions": 1}, destructionDelay="8s")
@@ -151,9 +149,9 @@ def test_a_reconcile_under_a_wrong_name_cannot_destroy_a_version_before_the_spec
     assert label in token_labels(cluster)  # past the 8 s recorded at scheduling, kept: the spec now says 1 h
 
     status, answer = signer_call(cluster, "POST", f"/v1/keys/{NAMESPACE}/{unique('no-such-key')}/{uid}/reconcile")
+    assert status in REFUSED and answer["reason"] == REFUSED[status], (status, answer)
     assert label in token_labels(cluster), "v1 was destroyed in the HSM before the spec's destructionDelay"
     assert not [e for e in _key_entries(cluster, uid) if e["event"] == "KeyVersionDestroyed"]
-    assert status == 404, (status, answer)
 
 
 def _version(cluster, key: str, number: int) -> dict:
@@ -179,14 +177,14 @@ def test_reconcile_with_malformed_uids_or_encoded_slashes_is_refused(cluster, ro
     before = token_labels(cluster)
     entries_before = _key_entries(cluster, room["uid"]), _key_entries(cluster, room["other_uid"])
     status, answer = signer_call(cluster, "POST", path)
-    assert status in (400, 404), (path, status, answer)
+    assert status in REFUSED and answer["reason"] == REFUSED[status], (path, status, answer)
     assert "versions" not in str(answer)
     assert token_labels(cluster) == before
     assert (_key_entries(cluster, room["uid"]), _key_entries(cluster, room["other_uid"])) == entries_before
 
 
 @pytest.mark.xfail(strict=True, reason=(
-    "product bug: operator/keyroom/signer/hsm.py _NAME_PART = [^/:\\s]+ (line 116), used by service.py "
+    "product bug: operator/keyroom/signer/hsm.py _NAME_PART ([^/:\\s]+), used by service.py "
     "Signer._named, accepts '..', upper case and over-long names; the signer then builds API server paths from "
     "them (team-a/.. reaches GET .../namespaces/team-a, answered 503 ApiServerUnavailable) instead of refusing "
     "400 InvalidRequest before reading anything"))
