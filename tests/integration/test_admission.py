@@ -169,6 +169,9 @@ def test_the_operator_identity_may_write_metadata_but_never_spec(cluster, unique
     relaxed = kubectl(cluster, "patch", "signingpolicy", name, "-n", NAMESPACE, "--type=merge",
                       "-p", '{"spec": {"requiredApprovals": 0}}', identity="operator")
     assert relaxed.returncode != 0 and "may change status and metadata, never spec" in relaxed.stderr
+    annotated = kubectl(cluster, "annotate", "signingpolicy", name, "-n", NAMESPACE, "checked=yes",
+                        identity="operator")
+    assert annotated.returncode == 0, annotated.stderr
     labelled = kubectl(cluster, "label", "signingpolicy", name, "-n", NAMESPACE, "checked=yes", identity="operator")
-    assert labelled.returncode == 0, labelled.stderr
+    assert labelled.returncode != 0 and "may not change labels" in labelled.stderr
     assert get(cluster, "signingpolicy", name, namespace=NAMESPACE)["spec"]["requiredApprovals"] == 2

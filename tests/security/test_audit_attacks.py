@@ -254,12 +254,6 @@ def test_a_new_chain_instruction_for_another_checkpoint_is_ignored(cluster, uniq
     _start_new_chain(cluster, "INC-5: the log was deleted; this instruction names the current checkpoint")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "product bug: operator/keyroom/signer/audit.py start_new_chain() carries consumed one-time keys only from "
-    "Signed entries of the readable old log (consumedKeys), not from the request results it carries "
-    "(results/<uid>.json, whose UIDs it does carry as signedRequests); after a deleted log, "
-    "RequestSigner._adopt (requests.py) re-enables the consumed key's version still in the token, so the "
-    "one-time key signs a second request"))
 def test_a_consumed_one_time_key_stays_consumed_after_a_new_chain(cluster, unique):
     key = make_key(cluster, unique, usage="OneTime")
     make_policy(cluster, unique, key)

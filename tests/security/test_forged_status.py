@@ -195,12 +195,6 @@ def test_the_operator_cannot_change_spec_rotate_or_read_secrets(cluster, unique)
     assert final(cluster, name)["phase"] == "Signed"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "product bug: the signer chooses the governing SigningPolicies by the SigningKey's metadata.labels "
-    "(operator/keyroom/policy.py decide(): policy_selects(..., key_labels=labels), called from "
-    "operator/keyroom/signer/requests.py RequestSigner._sign_checked), and the operator's identity may change "
-    "labels (operator/keyroom/api/admission.py operator_admission_policy() checks spec and the rotate annotation "
-    "only): relabelling a key moves it from a two-approval policy to a no-approval one"))
 def test_relabelling_a_key_does_not_move_it_to_a_laxer_policy(cluster, unique):
     release, nightly = unique("release"), unique("nightly")
     key = make_key(cluster, unique, labels={"tier": release})
@@ -214,7 +208,9 @@ def test_relabelling_a_key_does_not_move_it_to_a_laxer_policy(cluster, unique):
     body = get(cluster, "signrequest", name, namespace=NAMESPACE)
     uid = body["metadata"]["uid"]
 
-    as_operator(cluster, "label", "--overwrite", "signingkey", key, "-n", NAMESPACE, f"tier={nightly}")
+    relabelled = as_operator(cluster, "label", "--overwrite", "signingkey", key, "-n", NAMESPACE, f"tier={nightly}")
+    assert relabelled.returncode != 0 and "may not change labels" in relabelled.stderr
+    assert get(cluster, "signingkey", key, namespace=NAMESPACE)["metadata"]["labels"]["tier"] == release
     code, answer = sign_call(cluster, NAMESPACE, name, uid, digests_fingerprint(body["spec"]))
     assert code == 403 and answer["reason"] == "AwaitingApproval", (code, answer)
     assert not entries_for(cluster, uid, "Signed")

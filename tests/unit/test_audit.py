@@ -201,3 +201,14 @@ def test_stored_signatures_are_checked_against_their_signed_entry(tmp_path):
     assert log.requests["u-1"].signed["signatures"] == audit.result_digest(result)
     swapped = {"signatures": [{"name": "a", "value": base64.b64encode(b"other").decode()}]}
     assert log.requests["u-1"].signed["signatures"] != audit.result_digest(swapped)
+
+
+def test_a_new_chain_takes_one_time_keys_used_by_stored_results_as_consumed(tmp_path):
+    log = audit.AuditLog(tmp_path)
+    log.store_result("u-7", {"signatures": [], "request": {"namespace": "team-a", "name": "sr-7", "uid": "u-7"},
+                             "key": {"name": "once", "uid": "k-7", "version": 1, "usage": "OneTime"}})
+    log.close()
+    (tmp_path / "audit.jsonl").unlink()  # the log is lost; the stored result is not
+    fresh = audit.start_new_chain(tmp_path, checkpoint=audit.Head(3, "sha256:gone"), reason="INC-7", instruction={})
+    assert fresh.keys["k-7"].consumed_by["name"] == "sr-7" and fresh.keys["k-7"].name == "once"
+    assert fresh.requests["u-7"].signed is not None

@@ -575,6 +575,29 @@ def test_requests_are_refused_while_the_api_server_cannot_be_read(world):
     run(scenario())
 
 
+@pytest.mark.parametrize("username,allowed", [
+    ("system:serviceaccount:team-a:ci", True),
+    ("system:serviceaccount:team-b:ci", False),             # another namespace's account
+    ("mallory:serviceaccount:team-a:ci", False),            # four parts, but not a ServiceAccount
+    ("system:serviceaccount:team-a:ci:extra", False),       # not a ServiceAccount name
+    ("system:serviceaccount:team-a", False),
+])
+def test_only_the_policys_namespace_service_accounts_may_request(world, username, allowed):
+    async def scenario():
+        signer = await world.signer()
+        world.cluster.put("signingpolicies", policy_object(required=0, requesters={"serviceAccounts": ["ci"]}))
+        await world.key(signer)
+        request = request_object()
+        request["spec"]["requester"] = {"username": username, "groups": ["system:serviceaccounts"]}
+        world.cluster.put("signrequests", request)
+        if allowed:
+            assert (await world.sign(signer, request))["keyVersion"] == 1
+        else:
+            refusal = await world.refused(world.sign(signer, request))
+            assert refusal.reason == "NotAllowed" and "is not a requester" in str(refusal)
+    run(scenario())
+
+
 # =========================================================================== keys: one-time, retired, missing
 
 def test_a_one_time_key_signs_one_request_whatever_status_claims(world):
@@ -838,10 +861,6 @@ def test_after_a_new_chain_a_keys_versions_are_adopted_from_the_token_newest_ena
     run(scenario())
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "product bug: RequestSigner._adopt records adopted versions without the rotation request already acted on "
-    "(KeyRecord.rotation_request), so after a new chain the unchanged keyroom.dev/rotate annotation rotates the "
-    "key once more and the keepVersions trim schedules an older version for destruction"))
 def test_a_rotation_acted_on_before_a_new_chain_is_not_repeated(world):
     async def scenario():
         signer = await world.signer()
@@ -855,6 +874,52 @@ def test_a_rotation_acted_on_before_a_new_chain_is_not_repeated(world):
         world.cluster.config_maps[audit.NEW_CHAIN_NAME] = {"supersedes": "none", "reason": "INC-12"}
         signer = await world.signer()
         assert (await world.reconcile(signer, rotated))["currentVersion"] == 2
+    run(scenario())
+
+
+def test_concurrent_calls_for_one_request_sign_it_once(world):
+    async def scenario():
+        signer = await world.signer()
+        await setup_namespace(world, signer)
+        same = world.cluster.put("signrequests", request_object(*APPROVERS))
+        answers = await asyncio.gather(*(world.sign(signer, same) for _ in range(3)))
+        assert answers[0] == answers[1] == answers[2] and world.operations.count("sign") == 1
+        assert world.events().count("Intent") == 1 and not signer._locks  # idle locks are dropped
+    run(scenario())
+
+
+def test_concurrent_requests_on_a_fresh_one_time_key_sign_only_one(world):
+    async def scenario():
+        signer = await world.signer()
+        await setup_namespace(world, signer, usage="OneTime")
+        contenders = [world.cluster.put("signrequests", request_object(*APPROVERS)) for _ in range(4)]
+        outcomes = await asyncio.gather(*(world.sign(signer, r) for r in contenders), return_exceptions=True)
+        signed = [o for o in outcomes if isinstance(o, dict)]
+        refused = [o for o in outcomes if isinstance(o, requests.Refused)]
+        assert len(signed) == 1 and len(refused) == 3 and {r.reason for r in refused} == {"KeyConsumed"}
+        assert world.operations.count("sign") == 1 and world.events().count("Intent") == 1
+    run(scenario())
+
+
+def test_the_log_waits_for_the_token_that_holds_its_mac_key(world):
+    async def scenario():
+        available = []
+        signer = requests.RequestSigner(state_dir=world.state_dir, reader=world.reader, in_token=world.in_token,
+                                        mac_source=lambda: world.token.audit_mac if available else None)
+        world.signers.append(signer)
+        opening = asyncio.create_task(signer.open(retry_seconds=0.01))
+        try:
+            await asyncio.sleep(0.05)
+            assert not opening.done() and signer.log is None and "MAC key" in signer.error
+            refusal = await world.refused(signer.reconcile_key(namespace=NS, name="release", uid=str(uuid.uuid4())))
+            assert (refusal.reason, refusal.status) == ("AuditLogUnavailable", 503)
+            available.append(True)
+            await asyncio.wait_for(opening, 5)
+        finally:
+            opening.cancel()
+        await world.key(signer)
+        entries = world.entries()  # read with the token's MAC: every entry carries it
+        assert entries and all(e["mac"] == audit.entry_mac(e, world.token.audit_mac) for e in entries)
     run(scenario())
 
 
@@ -951,16 +1016,7 @@ def test_a_log_that_fails_verification_keeps_the_signer_refusing_until_a_matchin
     run(scenario())
 
 
-def _one_time_case(how: str):
-    if how in ("log without checkpoint", "appended"):  # the Signed entry is still readable
-        return how
-    return pytest.param(how, marks=pytest.mark.xfail(strict=True, reason=(
-        "product bug: audit.start_new_chain carries one-time consumption only from readable Signed entries; "
-        "when the Signed entry is lost (cut, torn, rewritten, log gone) but the signatures were stored, the "
-        "one-time key is adopted from the token as unused and signs a second request")))
-
-
-@pytest.mark.parametrize("how", [_one_time_case(how) for how in DAMAGE])
+@pytest.mark.parametrize("how", DAMAGE)
 def test_a_new_chain_keeps_a_used_one_time_key_used(world, how):
     async def scenario():
         key_body, request, answer = await _signed_history(world, usage="OneTime")

@@ -14,7 +14,9 @@ authentic approvals satisfy the policy.
 A second policy keeps the operator's own identity (a ServiceAccount named
 ``keyroom-operator``) away from every spec: it needs to write status,
 finalizers and annotations, never what a key, certificate, policy or request
-says, nor the ``keyroom.dev/rotate`` annotation, which the signer acts on. A
+says, nor labels (policies select keys by them, so a relabelled key could
+fall under a laxer policy), nor the ``keyroom.dev/rotate`` annotation, which
+the signer acts on. A
 compromised operator therefore cannot relax a policy to get a pending request
 signed (the signer re-reads the policies, and only admins write them), nor
 rotate keys until their old versions fall out of ``keepVersions``.
@@ -122,6 +124,9 @@ def operator_admission_policy() -> dict:
                        "(has(object.spec) == has(oldObject.spec)) && (!has(object.spec) || object.spec == oldObject.spec)",
                        "'the keyroom operator may change status and metadata, never spec (' + "
                        "request.userInfo.username + ')'"),
+                _check("(has(object.metadata.labels) ? object.metadata.labels : {}) == "
+                       "(has(oldObject.metadata.labels) ? oldObject.metadata.labels : {})",
+                       "'the keyroom operator may not change labels: policies select keys by them'"),
                 _check(f"{_annotation('object', ROTATE_ANNOTATION)} == {_annotation('oldObject', ROTATE_ANNOTATION)}",
                        f"'the keyroom operator may not request a rotation ({ROTATE_ANNOTATION}): only platform "
                        "admins rotate keys'"),

@@ -246,6 +246,10 @@ class AuditLog:
         self._remember(entry)
         return entry
 
+    def keys_consumed(self) -> set[str]:
+        """UIDs of the one-time keys this log records as used."""
+        return {uid for uid, record in self.keys.items() if record.consumed_by is not None}
+
     def recent_signatures(self, namespace: str, *, since: datetime.datetime) -> list[tuple[datetime.datetime, str, int]]:
         """Signatures made or being made in ``namespace`` since ``since`` (at most an hour back)."""
         for index in [i for i, (at, *_) in self.recent.items() if at < since - datetime.timedelta(hours=1)]:
@@ -342,7 +346,9 @@ def start_new_chain(directory: pathlib.Path, *, checkpoint: Head | None, reason:
                     signed.add(entry["request"]["uid"])
                     if entry["key"].get("usage") == "OneTime":
                         consumed.setdefault(entry["key"]["uid"], {"name": entry["request"]["name"],
-                                                                  "uid": entry["request"]["uid"]})
+                                                                  "uid": entry["request"]["uid"],
+                                                                  "keyName": entry["key"]["name"],
+                                                                  "namespace": entry["request"]["namespace"]})
                 elif entry["event"] == "ChainStarted":
                     signed.update(entry.get("signedRequests") or [])
                     consumed.update(entry.get("consumedKeys") or {})
@@ -353,7 +359,17 @@ def start_new_chain(directory: pathlib.Path, *, checkpoint: Head | None, reason:
         previous.update(readableHead=dataclasses.asdict(head) if head else None, keptAs=aside.name)
     results = directory / "results"
     if results.exists():
-        signed.update(p.stem for p in results.glob("*.json"))
+        for stored in results.glob("*.json"):
+            signed.add(stored.stem)
+            try:
+                result = json.loads(stored.read_bytes())
+            except ValueError:
+                continue  # unreadable: its UID still counts as signed
+            key, request = result.get("key") or {}, result.get("request") or {}
+            if key.get("usage") == "OneTime" and key.get("uid"):
+                consumed.setdefault(key["uid"], {"name": request.get("name", ""), "uid": stored.stem,
+                                                 "keyName": key.get("name", ""),
+                                                 "namespace": request.get("namespace", "")})
     log = AuditLog(directory, mac=mac)
     log.append("ChainStarted", reason=reason, instruction=instruction, previous=previous,
                signedRequests=sorted(signed), consumedKeys=consumed)

@@ -33,6 +33,8 @@ from keyroom import schedule
 from keyroom.api.common import ROTATE_ANNOTATION
 DEFAULT_KEEP_VERSIONS = 3
 DEFAULT_DESTRUCTION_DELAY = "7d"
+#: who consumed a one-time key whose use was recorded in a lost log
+UNKNOWN_CONSUMER = "(unknown: the audit log was lost)"
 #: how many destroyed versions the mirror in status shows (the log keeps them all)
 SHOWN_DESTROYED = 10
 
@@ -89,9 +91,16 @@ def apply(records: dict[str, KeyRecord], entry: Mapping) -> None:
         return
     at = datetime.datetime.fromisoformat(entry["time"])
     if event == "ChainStarted":
-        for key_uid, request in (entry.get("consumedKeys") or {}).items():
-            record = records.setdefault(key_uid, KeyRecord("", "", key_uid, usage="OneTime"))
-            record.consumed_by = {**request, "at": at}
+        for key_uid, used in (entry.get("consumedKeys") or {}).items():
+            record = records.setdefault(key_uid, KeyRecord(used.get("namespace", ""), used.get("keyName", ""),
+                                                           key_uid, usage="OneTime"))
+            record.consumed_by = {"name": used.get("name", ""), "uid": used.get("uid", ""), "at": at}
+        return
+    if event == "KeyConsumed":
+        record = records.setdefault(uid, KeyRecord(key["namespace"], key["name"], uid))
+        record.usage = "OneTime"
+        if record.consumed_by is None:
+            record.consumed_by = {"name": "", "uid": "", "at": at}
         return
     if event == "Signed":
         if key.get("usage") == "OneTime":
@@ -257,7 +266,7 @@ def mirror(record: KeyRecord, *, spec: Mapping | None) -> dict:
         "uid": record.uid,
         "versions": versions,
         "currentVersion": current.version if current else None,
-        "consumedBy": record.consumed_by["name"] if record.consumed_by else None,
+        "consumedBy": (record.consumed_by["name"] or UNKNOWN_CONSUMER) if record.consumed_by else None,
         "lastRotationRequest": record.rotation_request,
         "nextChangeAt": schedule.format_time(change) if change else None,
         "missingVersions": sorted(missing),

@@ -163,7 +163,7 @@ def key_state(record: keys.KeyRecord | None) -> policy.KeyState:
     consumed = record.consumed_by
     return policy.KeyState(
         current_version=current.version if current else None,
-        consumed_by=(consumed["name"], consumed["uid"]) if consumed else (),
+        consumed_by=(consumed["name"] or keys.UNKNOWN_CONSUMER, consumed["uid"]) if consumed else (),
         destroyed=bool(record.versions) and all(v.state == "Destroyed" and not v.missing
                                                 for v in record.versions.values()),
         missing_versions=tuple(sorted(v.version for v in record.versions.values() if v.missing)))
@@ -344,7 +344,7 @@ class RequestSigner:
         if record is None:
             record = keys.KeyRecord(namespace, name, uid)
             if self.log.restarted:
-                await self._adopt(record, spec)
+                await self._adopt(record, spec, (body or {}).get("metadata", {}).get("annotations") or {})
                 record = self.log.keys.get(uid, record)
         if not record.name:  # a record carried over a new chain knows only the key's UID
             record.namespace, record.name = namespace, name
@@ -421,8 +421,12 @@ class RequestSigner:
                      message="the private key is not in the token: it was destroyed outside keyroom")
         logger.error("%s is missing from the token", self._handle(record, version).label)
 
-    async def _adopt(self, record: keys.KeyRecord, spec: Mapping | None) -> None:
-        """After a new chain: take the key's versions from the token (newest enabled, the rest disabled)."""
+    async def _adopt(self, record: keys.KeyRecord, spec: Mapping | None, annotations: Mapping[str, str]) -> None:
+        """After a new chain: take the key's versions from the token (newest enabled, the rest disabled).
+
+        The rotation request standing now counts as acted on: the newest version may well be its answer, and
+        rotating again would push a version out of keepVersions.
+        """
         objects = await self._in_token("list", lambda token: token.list_objects())
         numbers = sorted({o.handle.version for o in objects
                           if o.handle is not None and o.handle.uid == record.uid and o.object_class == "private_key"})
@@ -430,10 +434,16 @@ class RequestSigner:
         for number in numbers:
             handle = self._handle(record, number)
             der = await self._in_token("public_key", lambda token: token.public_key(handle))
-            await self._append("KeyVersionGenerated", key=ref, version=number, algorithm=(spec or {}).get("algorithm", ""),
-                         usage=(spec or {}).get("usage", "Reusable"), reason="Adopted", **public_key_document(der))
+            await self._append("KeyVersionGenerated", key=ref, version=number,
+                               algorithm=(spec or {}).get("algorithm", ""), usage=(spec or {}).get("usage", "Reusable"),
+                               reason="Adopted", **public_key_document(der),
+                               rotationRequest=annotations.get(keys.ROTATE_ANNOTATION) if number == numbers[-1] else None)
         for number in numbers[:-1]:
             await self._append("KeyVersionDisabled", key=ref, version=number, reason="Adopted")
+        if numbers and (spec or {}).get("usage") == "OneTime" and record.uid not in self.log.keys_consumed():
+            # Whether it signed before the log was lost is unknown: a one-time key is taken as used (fail closed).
+            await self._append("KeyConsumed", key=ref, reason="the audit log was lost; a one-time key whose use "
+                                                               "cannot be ruled out is taken as used")
 
     # ------------------------------------------------------------ requests
 
@@ -580,7 +590,7 @@ class RequestSigner:
                                                      "missing from the HSM (destroyed outside keyroom?); a platform "
                                                      "admin rotates the key to generate a new version",
                                request_ref=request_ref, status=409) from None
-        result = {"intent": intent["index"], "keyVersion": decision.key_version,
+        result = {"intent": intent["index"], "keyVersion": decision.key_version, "request": request_ref, "key": key_info,
                   "signedAt": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
                   "signatures": [{"name": d["name"], "value": base64.b64encode(s).decode()}
                                  for d, s in zip(spec["digests"], signatures)]}

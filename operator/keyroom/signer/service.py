@@ -26,6 +26,7 @@ import hashlib
 import logging
 import os
 import pathlib
+import re
 import ssl
 import time
 from typing import Any, Awaitable, Callable
@@ -45,6 +46,9 @@ DEFAULT_CALLER = "system:serviceaccount:keyroom-system:keyroom-operator"
 _RETRY_OPEN_SECONDS = 10.0
 _AUTH_CACHE_SECONDS = 60.0
 _AUTH_CACHE_SIZE = 1024
+#: Kubernetes names: a namespace is a DNS-1123 label, an object name a DNS-1123 subdomain
+_NAMESPACE = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
+_OBJECT_NAME = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
 
 _STATUS_BY_REASON = {
     "KeyNotFound": 404, "KeyExists": 409, "InvalidRequest": 400, "TokenFull": 507,
@@ -253,7 +257,7 @@ class Signer:
         except hsm.HSMError as error:
             self.metrics.requests.labels(operation, error.reason).inc()
             return _error(_STATUS_BY_REASON.get(error.reason, 500), error.reason, str(error))
-        except (KeyError, ValueError, TypeError) as error:
+        except (KeyError, ValueError, TypeError, RecursionError) as error:  # RecursionError: absurdly nested JSON
             self.metrics.requests.labels(operation, "InvalidRequest").inc()
             return _error(400, "InvalidRequest", f"malformed request: {error}")
 
@@ -283,6 +287,10 @@ class Signer:
     def _named(request: web.Request) -> dict[str, str]:
         """The object a call names: namespace, name and UID, checked for shape before anything is read."""
         info = request.match_info
+        if not _NAMESPACE.fullmatch(info["namespace"]):
+            raise ValueError(f"{info['namespace']!r} is not a Kubernetes namespace name")
+        if len(info["name"]) > 253 or not _OBJECT_NAME.fullmatch(info["name"]):
+            raise ValueError(f"{info['name']!r} is not a Kubernetes object name")
         hsm.KeyHandle(namespace=info["namespace"], name=info["name"], uid=info["uid"], version=0)  # ValueError
         return {"namespace": info["namespace"], "name": info["name"], "uid": info["uid"]}
 
