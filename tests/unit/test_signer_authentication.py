@@ -34,7 +34,7 @@ import uuid
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from keyroom.signer import requests, service
+from keyroom.signer import hsm, requests, service
 
 AUDIENCE = "keyroom-signer"
 OPERATOR = "system:serviceaccount:keyroom-system:keyroom-operator"
@@ -486,3 +486,162 @@ def test_every_mutant_of_the_middleware_is_caught():
     # equivalent: the default of a missing Authorization header fails "startswith('Bearer ')" whatever it is
     assert [s.split(" ", 1)[1] for s in survivors] == [
         """'' -> 'XX...XX' in `header = request.headers.get("Authorization", "")`"""]
+
+
+# =========================================================================== the routes behind the middleware
+
+class FakeToken:
+    """What the routes need of an open token: its objects (or a failure), and close."""
+
+    def __init__(self, objects=(), failure: Exception | None = None) -> None:
+        self.objects, self.failure = list(objects), failure
+
+    def list_objects(self):
+        if self.failure is not None:
+            raise self.failure
+        return self.objects
+
+    def close(self) -> None:
+        pass
+
+
+def test_the_token_listing_shows_every_object_but_the_audit_key():
+    handle = hsm.KeyHandle(namespace="team-a", name="release", uid=str(uuid.uuid4()), version=2)
+    objects = [hsm.TokenObject(label=handle.label, object_id=handle.object_id.hex(), object_class="private_key",
+                               handle=handle),
+               hsm.TokenObject(label="planted", object_id="00", object_class="private_key", handle=None),
+               hsm.TokenObject(label=hsm.AUDIT_KEY_LABEL, object_id=hsm.AUDIT_KEY_ID.hex(),
+                               object_class="secret_key", handle=None)]
+
+    async def scenario():
+        async with running(Reviews()) as (client, signer):
+            signer.token = FakeToken(objects)
+            response = await client.get("/v1/keys", headers=bearer(GOOD))
+            assert response.status == 200
+            assert await response.json() == {"objects": [
+                {"label": handle.label, "id": handle.object_id.hex(), "class": "private_key",
+                 "key": {"namespace": "team-a", "name": "release", "uid": handle.uid, "version": 2}},
+                {"label": "planted", "id": "00", "class": "private_key", "key": None}]}
+    run(scenario())
+
+
+@pytest.mark.parametrize("reason,status", [("KeyNotFound", 404), ("TokenFull", 507), ("DeviceError", 503),
+                                           ("PinLocked", 503), ("SomethingNew", 500)])
+def test_hsm_failures_are_answered_with_their_reason(reason, status):
+    async def scenario():
+        async with running(Reviews()) as (client, signer):
+            signer.token = FakeToken(failure=hsm.HSMError(reason, "it failed"))
+            response = await client.get("/v1/keys", headers=bearer(GOOD))
+            assert (response.status, await response.json()) == (status, {"reason": reason, "message": "it failed"})
+    run(scenario())
+
+
+def test_health_says_what_is_missing():
+    async def scenario():
+        async with running(Reviews()) as (client, signer):
+            signer.token_error = None
+            response = await client.get("/healthz")
+            assert (response.status, (await response.json())["reason"]) == (503, "HSMUnavailable")
+            signer.token_error = hsm.HSMError("PinIncorrect", "the PIN is wrong")
+            response = await client.get("/healthz")
+            assert (response.status, await response.json()) == (503, {"reason": "PinIncorrect",
+                                                                      "message": "the PIN is wrong"})
+            signer.token = FakeToken()
+            response = await client.get("/healthz")
+            assert (response.status, await response.json()) == (200, {"status": "ok", "token": "unit"})
+            signer.requests.error = "the audit log failed verification: truncated"
+            response = await client.get("/healthz")
+            assert (response.status, await response.json()) == (503, {
+                "reason": "AuditLogUnavailable", "message": "the audit log failed verification: truncated"})
+    run(scenario())
+
+
+@pytest.mark.parametrize("path,body", [
+    (f"/v1/requests/{NAMED}/sign", ["sha256:00"]),
+    (f"/v1/requests/{NAMED}/sign", {"digests": ["sha256:00"]}),
+    (f"/v1/requests/{NAMED}/sign", {}),
+    (f"/v1/requests/{NAMED}/sign", "not json"),
+    (f"/v1/requests/Team_A/release/{uuid.uuid4()}/sign", {"digests": "sha256:00"}),
+    (f"/v1/requests/team-a/Release!/{uuid.uuid4()}/sign", {"digests": "sha256:00"}),
+    ("/v1/requests/team-a/release/not-a-uid/sign", {"digests": "sha256:00"}),
+    (f"/v1/keys/team-a/{'a' * 254}/{uuid.uuid4()}/reconcile", None),
+    ("/v1/requests/team-a/release/not-a-uid", None),
+], ids=["list", "digests-list", "empty", "not-json", "namespace", "name", "uid", "long-name", "outcome-uid"])
+def test_malformed_calls_are_refused_before_anything_is_read(path, body):
+    async def scenario():
+        async with running(Reviews()) as (client, signer):
+            called = []
+            signer.requests.reader = types.SimpleNamespace(**{name: lambda *a, **k: called.append(a) for name in (
+                "request_keys_policies", "key", "read_checkpoint", "read_new_chain", "write_checkpoint")})
+            if body is None:
+                method = "POST" if path.endswith("/reconcile") else "GET"
+                response = await client.request(method, path, headers=bearer(GOOD))
+            elif isinstance(body, str):
+                response = await client.post(path, headers=bearer(GOOD), data=body)
+            else:
+                response = await client.post(path, headers=bearer(GOOD), json=body)
+            assert (response.status, (await response.json())["reason"]) == (400, "InvalidRequest")
+            assert called == [] and signer.requests.log.head is None
+    run(scenario())
+
+
+def test_a_refusal_names_its_audit_entry_and_an_answer_passes_through():
+    async def scenario():
+        async with running(Reviews()) as (client, signer):
+            uid = str(uuid.uuid4())
+            response = await client.post(f"/v1/requests/team-a/sr-1/{uid}/sign", headers=bearer(GOOD),
+                                         json={"digests": "sha256:" + "ab" * 32})
+            head = signer.requests.log.head
+            assert response.status == 404 and await response.json() == {
+                "reason": "RequestNotFound", "message": f"no SignRequest team-a/sr-1 with UID {uid}",
+                "audit": {"index": head.index, "entryHash": head.hash}}
+            response = await client.post(f"/v1/keys/team-a/release/{uid}/reconcile", headers=bearer(GOOD))
+            assert response.status == 404 and "audit" not in await response.json()  # nothing audited
+
+            calls = []
+
+            async def sign(**named):
+                calls.append(named)
+                return {"keyVersion": 3, "signatures": [{"name": "a", "value": "AAAA"}]}
+            signer.requests.sign = sign
+            response = await client.post(f"/v1/requests/team-a/sr-1/{uid}/sign", headers=bearer(GOOD),
+                                         json={"digests": "sha256:" + "cd" * 32})
+            assert (response.status, await response.json()) == (
+                200, {"keyVersion": 3, "signatures": [{"name": "a", "value": "AAAA"}]})
+            assert calls == [{"namespace": "team-a", "name": "sr-1", "uid": uid, "fingerprint": "sha256:" + "cd" * 32}]
+    run(scenario())
+
+
+def test_the_signer_reviews_tokens_for_its_configured_audience_and_callers(monkeypatch):
+    """Without an injected Authenticator the signer builds its own from the configuration."""
+    async def scenario():
+        directory = pathlib.Path(tempfile.mkdtemp(prefix="keyroom-service-"))
+        config = service.SignerConfig(module_path=str(directory / "none.so"), token_label="unit", pin="unit-pin",
+                                      state_dir=str(directory / "state"), audience=AUDIENCE,
+                                      allowed_callers=("system:serviceaccount:ops:robot",))
+        signer = service.Signer(config)
+        try:
+            assert signer.authenticator.audience == AUDIENCE
+            reviews = Reviews(robot=(True, [AUDIENCE], "system:serviceaccount:ops:robot"))
+            signer.authenticator._api = reviews
+            signer.requests = requests.RequestSigner(state_dir=directory / "state", reader=Reader(),
+                                                     in_token=signer._in_token)
+            async with TestClient(TestServer(signer.application())) as client:
+                while signer.requests.error is not None:
+                    await asyncio.sleep(0.01)
+                assert (await client.get(f"/v1/requests/{NAMED}", headers=bearer("robot"))).status == 200
+                assert (await client.get(f"/v1/requests/{NAMED}", headers=bearer(GOOD))).status == 403
+        finally:
+            os.close(signer.state_lock)
+            shutil.rmtree(directory, ignore_errors=True)
+    run(scenario())
+
+
+def test_a_body_over_four_mebibytes_is_refused():
+    async def scenario():
+        async with running(Reviews()) as (client, signer):
+            body = b'{"digests": "' + b"a" * (4 * 1024 * 1024) + b'"}'
+            response = await client.post(f"/v1/requests/{NAMED}/sign", headers=bearer(GOOD), data=body)
+            assert response.status == 413
+            assert signer.requests.log.head is None
+    run(scenario())

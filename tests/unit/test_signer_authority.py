@@ -161,6 +161,13 @@ class _Core:
             raise kubernetes.client.ApiException(status=404, reason="Not Found")
         self.cluster.config_maps[name].update(body["data"])
 
+    def replace_namespaced_config_map(self, name, namespace, body):
+        self.cluster.check()
+        assert namespace == SIGNER_NS and body["metadata"]["name"] == name
+        if name not in self.cluster.config_maps:
+            raise kubernetes.client.ApiException(status=404, reason="Not Found")
+        self.cluster.config_maps[name] = dict(body["data"])
+
     def create_namespaced_config_map(self, namespace, body):
         self.cluster.check()
         assert namespace == SIGNER_NS
@@ -1030,6 +1037,79 @@ def test_a_new_chain_keeps_a_used_one_time_key_used(world, how):
         refusal = await world.refused(world.sign(signer, other))
         assert refusal.reason == "KeyConsumed" and world.operations.count("sign") == 1
     run(scenario())
+
+
+def _administrator(world: World, monkeypatch) -> None:
+    """``python -m keyroom.signer.audit new-chain`` talks to the in-memory API server."""
+    from keyroom import kubeclient
+    monkeypatch.setattr(kubeclient, "api_client", lambda: None)
+    monkeypatch.setattr(kubernetes.client, "CoreV1Api", lambda client: _Core(world.cluster))
+
+
+@pytest.mark.parametrize("how", ["truncated", "log without checkpoint"])
+def test_the_administrators_new_chain_command_names_the_checkpoint_the_signer_sees(world, monkeypatch, capsys, how):
+    _administrator(world, monkeypatch)
+
+    async def scenario():
+        _, request, answer = await _signed_history(world)
+        _damage(world, how)
+        checkpoint = world.reader.read_checkpoint()
+        world.cluster.config_maps[audit.NEW_CHAIN_NAME] = {"supersedes": "stale", "reason": "old"}
+        signer = world.new_signer()
+        opening = asyncio.create_task(signer.open(retry_seconds=0.01))
+        try:
+            await _refusing(world, signer, opening, request)
+            assert await asyncio.to_thread(audit.main, ["new-chain", "--reason", "INC-13", "--namespace",
+                                                        SIGNER_NS]) == 0
+            await asyncio.wait_for(opening, 5)
+        finally:
+            opening.cancel()
+        assert f"superseding checkpoint {audit.checkpoint_text(checkpoint)}" in capsys.readouterr().out
+        instruction = world.cluster.config_maps[audit.NEW_CHAIN_NAME]
+        assert instruction["supersedes"] == audit.checkpoint_text(checkpoint) and instruction["reason"] == "INC-13"
+        assert world.entries()[0]["reason"] == "INC-13"
+        assert (await world.sign(signer, request))["signatures"] == answer["signatures"]
+    run(scenario())
+
+
+def test_the_new_chain_command_needs_a_reason_and_reports_failures(world, monkeypatch, capsys):
+    _administrator(world, monkeypatch)
+    with pytest.raises(SystemExit):
+        audit.main(["new-chain", "--reason", "  "])
+    assert "--reason must say why" in capsys.readouterr().err
+    assert audit.NEW_CHAIN_NAME not in world.cluster.config_maps
+    world.cluster.down = True
+    assert audit.main(["new-chain", "--reason", "INC-14", "--namespace", SIGNER_NS]) == 1
+    assert capsys.readouterr().err.startswith("error: cannot write the instruction")
+    world.cluster.down = False
+    assert audit.main(["new-chain", "--reason", "INC-14", "--namespace", SIGNER_NS]) == 0
+    assert world.cluster.config_maps[audit.NEW_CHAIN_NAME]["supersedes"] == "none"  # no checkpoint yet
+    world.cluster.config_maps[audit.CHECKPOINT_NAME] = {"index": "4", "entryHash": "sha256:" + "4" * 64}
+    assert audit.main(["new-chain", "--reason", "INC-15", "--namespace", SIGNER_NS]) == 0  # replaced
+    assert world.cluster.config_maps[audit.NEW_CHAIN_NAME]["supersedes"] == f"4:sha256:{'4' * 64}"
+    assert world.cluster.config_maps[audit.NEW_CHAIN_NAME]["reason"] == "INC-15"
+
+
+def test_the_offline_verifier_checks_the_chain_and_the_checkpoint(world, capsys):
+    async def scenario():
+        return await _signed_history(world)
+    run(scenario())
+    path = world.state_dir / audit.LOG_NAME
+    head = audit.verify(path)
+    assert audit.main(["verify", str(path)]) == 0
+    assert capsys.readouterr().out.strip() == f"audit log valid: {head.index + 1} entries, head {head.hash}"
+    assert audit.main(["verify", str(path), "--index", str(head.index), "--hash", head.hash]) == 0
+    assert capsys.readouterr().out.strip().endswith(f", checkpoint {head.index} matches")
+    assert audit.main(["verify", str(path), "--index", str(head.index), "--hash", "sha256:" + "0" * 64]) == 1
+    assert "INVALID" in capsys.readouterr().err
+    assert audit.main(["verify", str(path), "--index", str(head.index + 1), "--hash", head.hash]) == 1
+    assert "truncated" in capsys.readouterr().err
+    empty = world.state_dir / "empty.jsonl"
+    empty.write_bytes(b"")
+    assert audit.main(["verify", str(empty)]) == 0 and "valid: empty" in capsys.readouterr().out
+    assert audit.main(["verify", str(empty), "--index", "0", "--hash", head.hash]) == 1
+    with pytest.raises(SystemExit):
+        audit.main([])
 
 
 def test_a_checkpoint_that_says_nothing_keeps_the_signer_refusing(world):
