@@ -166,3 +166,17 @@ def test_an_approval_appended_at_the_same_moment_is_kept_and_bobs_follows(cluste
     assert "someone else decided at the same moment" in capsys.readouterr().err
     assert [a["user"] for a in get(cluster, "signrequest", name, namespace=NAMESPACE)["spec"]["approvals"]] == \
         ["carol", "bob"]
+
+
+def test_rotate_makes_a_new_version_current_and_only_admins_may(cluster, key):
+    refused = keyroom(cluster, "alice", "rotate", key)
+    assert refused.returncode == 1 and refused.stderr.startswith("error: ") and "forbidden" in refused.stderr.lower()
+    rotated = keyroom(cluster, "admin", "rotate", key)
+    assert rotated.returncode == 0, rotated.stderr
+    assert "version 2 is current" in rotated.stdout
+    status = get(cluster, "signingkey", key, namespace=NAMESPACE)["status"]
+    assert status["currentVersion"] == 2
+    assert [(v["version"], v["state"]) for v in status["versions"]] == [(2, "Enabled"), (1, "Disabled")]
+    again = keyroom(cluster, "admin", "rotate", key, "--request", status["lastRotationRequest"], "--timeout", "3")
+    assert again.returncode == 2  # the same request value rotates nothing
+    assert get(cluster, "signingkey", key, namespace=NAMESPACE)["status"]["currentVersion"] == 2

@@ -21,6 +21,7 @@ from typing import Any, Iterable, Iterator
 import kubernetes
 
 GROUP, VERSION, PLURAL = "keyroom.dev", "v1alpha1", "signrequests"
+ROTATE_ANNOTATION = f"{GROUP}/rotate"
 FINAL = ("Signed", "Denied", "Expired", "Failed")
 MAX_FILES = 500
 
@@ -309,6 +310,29 @@ def cmd_status(cluster: Cluster, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_rotate(cluster: Cluster, args: argparse.Namespace) -> int:
+    """Ask for a new key version through the keyroom.dev/rotate annotation; wait until the signer made it."""
+    keys = "signingkeys"
+    before = cluster.custom.get_namespaced_custom_object(GROUP, VERSION, cluster.namespace, keys, args.key)
+    current = (before.get("status") or {}).get("currentVersion")
+    value = args.request or datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    cluster.custom.patch_namespaced_custom_object(GROUP, VERSION, cluster.namespace, keys, args.key,
+                                                  {"metadata": {"annotations": {ROTATE_ANNOTATION: value}}})
+    _note(f"{args.key}: rotation requested ({ROTATE_ANNOTATION}={value}); current version {current}")
+    if not args.wait:
+        return 0
+    deadline = time.monotonic() + args.timeout
+    while time.monotonic() < deadline:
+        status = cluster.custom.get_namespaced_custom_object(GROUP, VERSION, cluster.namespace, keys,
+                                                             args.key).get("status") or {}
+        if status.get("lastRotationRequest") == value and status.get("currentVersion") != current:
+            print(f"{args.key}: version {status['currentVersion']} is current; version {current} is disabled")
+            return 0
+        time.sleep(0.5)
+    _note(f"{args.key}: no new version within {args.timeout:.0f}s; `kubectl get sk {args.key}` shows why")
+    return 2
+
+
 def parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--kubeconfig", help="kubeconfig file (default: $KUBECONFIG or ~/.kube/config)")
@@ -341,6 +365,14 @@ def parser() -> argparse.ArgumentParser:
     get.add_argument("name", nargs="?")
     get.add_argument("-A", "--all-namespaces", action="store_true")
     get.set_defaults(run=cmd_get)
+    rotate = verbs.add_parser("rotate", parents=[common], help="generate a new version of a SigningKey (admins)")
+    rotate.add_argument("key")
+    rotate.add_argument("--request", help="the annotation value (default: the current time); a repeated value "
+                                          "rotates nothing")
+    rotate.add_argument("--wait", action=argparse.BooleanOptionalAction, default=True,
+                        help="wait until the new version is current (default)")
+    rotate.add_argument("--timeout", type=float, default=60, help="seconds to wait (default 60)")
+    rotate.set_defaults(run=cmd_rotate)
     status = verbs.add_parser("status", parents=[common], help="everything about one SignRequest")
     status.add_argument("name")
     status.set_defaults(run=cmd_status)
