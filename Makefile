@@ -71,9 +71,11 @@ bench: venv binaries
 # Mutation testing (mutmut, configured in pyproject.toml [tool.mutmut]): mutmut names mutants after the file's path,
 # which must be the module's, so it runs in $(MUTATION_DIR)/ where keyroom, tests and pyproject.toml are links.
 # A fresh run each time; MUTATION_JOBS workers (the machine's cores by default). Survivors are listed at the end;
-# `cd $(MUTATION_DIR) && ../$(VENV)/bin/mutmut show NAME` shows one.
+# `cd $(MUTATION_DIR) && ../$(VENV)/bin/mutmut show NAME` shows one. MUTANTS limits the run to mutants whose names
+# match these globs, e.g. make mutation MUTANTS='keyroom.signer.requests.* keyroom.policy.x_decide__*'
 MUTATION_DIR ?= .mutation
 MUTATION_JOBS ?= $(shell nproc 2>/dev/null || echo 2)
+MUTANTS ?=
 MUTMUT = $(abspath $(VENV))/bin/mutmut
 
 $(VENV)/.mutation-installed: $(VENV)/.installed pyproject.toml
@@ -87,12 +89,12 @@ mutation: $(VENV)/.mutation-installed
 	ln -s $(CURDIR)/tests $(MUTATION_DIR)/tests
 	ln -s $(CURDIR)/pyproject.toml $(MUTATION_DIR)/pyproject.toml
 	@echo "mutmut run with $(MUTATION_JOBS) workers; its progress is in $(MUTATION_DIR)/run.log"
-	@cd $(MUTATION_DIR) && start=$$(date +%s) && $(MUTMUT) run --max-children $(MUTATION_JOBS) > run.log 2>&1; \
+	@cd $(MUTATION_DIR) && start=$$(date +%s) && $(MUTMUT) run --max-children $(MUTATION_JOBS) $(foreach m,$(MUTANTS),'$(m)') > run.log 2>&1; \
 	  status=$$?; echo "mutmut run took $$(( $$(date +%s) - start ))s (exit status $$status)"; \
 	  tr '\r' '\n' < run.log | grep -v -e '^ *$$' -e '[0-9]/[0-9]' -e 'Generating mutants' -e 'Running' | tail -n 5; \
 	  exit $$status
 	@cd $(MUTATION_DIR) && $(MUTMUT) export-cicd-stats > /dev/null && cat mutants/mutmut-cicd-stats.json
-	@echo "mutants not killed, by status:"
-	@cd $(MUTATION_DIR) && $(MUTMUT) results | sed 's/.*: //' | sort | uniq -c
+	@echo "mutants by status:"
+	@cd $(MUTATION_DIR) && $(MUTMUT) results --all true | sed 's/.*: //' | sort | uniq -c
 	@echo "surviving mutants (see one with: cd $(MUTATION_DIR) && $(MUTMUT) show NAME):"
 	@cd $(MUTATION_DIR) && $(MUTMUT) results | grep ': survived$$' || echo "  none"

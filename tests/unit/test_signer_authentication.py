@@ -645,3 +645,15 @@ def test_a_body_over_four_mebibytes_is_refused():
             assert response.status == 413
             assert signer.requests.log.head is None
     run(scenario())
+
+
+def test_without_an_injected_api_the_authenticator_uses_the_signers_own_client(monkeypatch):
+    from keyroom import kubeclient
+    client, reviews, made = object(), Reviews(), []
+    monkeypatch.setattr(kubeclient, "api_client", lambda: client)
+    monkeypatch.setattr(service.kubernetes.client, "AuthenticationV1Api",
+                        lambda api_client: made.append(api_client) or reviews)
+    auth = service.Authenticator(audience=AUDIENCE, allowed_callers=(OPERATOR,))
+    assert asyncio.run(auth.caller(GOOD)) == OPERATOR
+    assert asyncio.run(auth.caller("other")) is None
+    assert made == [client] and reviews.reviewed == [GOOD, "other"]  # built once, with the signer's client

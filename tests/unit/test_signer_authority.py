@@ -25,6 +25,7 @@ import copy
 import datetime
 import hashlib
 import json
+import os
 import pathlib
 import shutil
 import tempfile
@@ -66,6 +67,24 @@ FORGED_REQUEST_STATUS = {"phase": "Approved", "keyVersion": 7, "signatures": [{"
 
 # --------------------------------------------------------------------------- the token (one per session)
 
+def _fresh_token(module: str, directory: pathlib.Path) -> softhsm.SoftHSMToken:
+    """A copy of an initialised, still empty token (initialising one takes a process; `make mutation` runs the
+    tests once per mutant, so the empty token is made once per machine and copied)."""
+    key = hashlib.sha256(f"{module}\0{TOKEN_LABEL}\0{PIN}\0{SO_PIN}".encode()).hexdigest()[:16]
+    template = pathlib.Path(tempfile.gettempdir()) / f"keyroom-unit-empty-token-{os.getuid()}-{key}"
+    if not (template / "ready").exists():
+        staging = pathlib.Path(tempfile.mkdtemp(prefix="keyroom-unit-empty-token-"))
+        softhsm.init_token(staging, label=TOKEN_LABEL, pin=PIN, so_pin=SO_PIN, module_path=module)
+        (staging / "ready").touch()
+        try:
+            os.rename(staging, template)  # atomic: a concurrent run either wins or uses the winner's
+        except OSError:
+            shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(template / "tokens", directory / "tokens")
+    return softhsm.SoftHSMToken(module_path=module, config_path=softhsm.write_config(directory),
+                                token_label=TOKEN_LABEL)
+
+
 @pytest.fixture(scope="session")
 def token():
     """A fresh SoftHSM2 token opened in this process, SOFTHSM2_CONF set before the module is loaded."""
@@ -74,7 +93,7 @@ def token():
 
     directory = pathlib.Path(tempfile.mkdtemp(prefix="keyroom-softhsm-"))
     try:
-        made = softhsm.init_token(directory, label=TOKEN_LABEL, pin=PIN, so_pin=SO_PIN)
+        made = _fresh_token(module, directory)
         with pytest.MonkeyPatch.context() as patch:
             for name, value in made.env().items():
                 patch.setenv(name, value)
@@ -411,11 +430,24 @@ def test_an_unapproved_request_waits_and_its_retries_are_audited_once(world):
         await setup_namespace(world, signer)
         request = world.cluster.put("signrequests", request_object("bob"))
         before = len(world.entries())
-        for _ in range(6):
+        first = await world.refused(world.sign(signer, request))
+        for _ in range(5):
             refusal = await world.refused(world.sign(signer, request))
-            assert (refusal.reason, refusal.status) == ("AwaitingApproval", 403)
+            assert (refusal.reason, refusal.status, str(refusal)) == ("AwaitingApproval", 403, str(first))
+            assert refusal.entry is None  # not audited again
         assert world.events()[before:] == ["Refused"]  # one entry for six calls
+        entry = world.entries()[-1]
+        assert entry["request"] == {"namespace": NS, "name": request["metadata"]["name"], "uid": uid_of(request)}
+        assert entry["message"] == str(first) and "needs 1 more approval" in entry["message"]
         assert "Intent" not in world.events() and "sign" not in world.operations
+
+        # a final refusal in between (digests that differ) is audited, and the wait is audited again after it
+        refusal = await world.refused(world.sign(signer, request, spec={**request["spec"], "digests": []}))
+        assert refusal.reason == "DigestsMismatch"
+        assert (await world.refused(world.sign(signer, request))).reason == "AwaitingApproval"
+        assert [e["reason"] for e in world.entries()[before:]] == ["AwaitingApproval", "DigestsMismatch",
+                                                                   "AwaitingApproval"]
+        before = len(world.entries())
 
         # a new reason is audited again, and so is the old reason once it comes back
         policy = world.cluster.objects["signingpolicies"].pop((NS, "release"))
@@ -424,7 +456,7 @@ def test_an_unapproved_request_waits_and_its_retries_are_audited_once(world):
         assert (await world.refused(world.sign(signer, request))).reason == "AwaitingApproval"
         assert (await world.refused(world.sign(signer, request))).reason == "AwaitingApproval"
         refused = [e for e in world.entries()[before:]]
-        assert [e["reason"] for e in refused] == ["AwaitingApproval", "NoPolicy", "AwaitingApproval"]
+        assert [e["reason"] for e in refused] == ["NoPolicy", "AwaitingApproval"]
 
         world.cluster.put("signrequests", {**request, "spec": {**request["spec"], "approvals": request_object(
             *APPROVERS)["spec"]["approvals"]}})
@@ -476,6 +508,8 @@ def test_an_approved_request_is_signed_once_and_retries_get_the_same_signatures(
         assert intent["request"] == {"namespace": NS, "name": request["metadata"]["name"], "uid": uid_of(request)}
         assert intent["key"] == {"name": "release", "uid": uid_of(key_body), "version": 1, "usage": "Reusable"}
         assert intent["approvers"] == ["bob", "carol"] and intent["requester"] == "alice"  # dave is no approver
+        assert (intent["policies"], intent["reason"], intent["digestAlgorithm"]) == (["release"], "release 1.4.2",
+                                                                                     "SHA256")
         assert intent["digests"] == request["spec"]["digests"]
         assert signed["intent"] == intent["index"] and answer["audit"] == {"index": signed["index"],
                                                                            "entryHash": signed["hash"]}
@@ -565,6 +599,29 @@ def test_the_signers_own_log_enforces_the_hourly_limit(world):
     run(scenario())
 
 
+def test_a_policy_counts_the_signatures_of_the_keys_it_names_and_only_those(world):
+    async def scenario():
+        signer = await world.signer()
+        world.cluster.put("signingpolicies", {**policy_object(required=0, maxSignaturesPerHour=2),
+                                              "spec": {**policy_object(required=0)["spec"], "keySelector": None,
+                                                       "keys": ["release"], "maxSignaturesPerHour": 2}})
+        nightly_policy = policy_object("nightly", required=0)
+        nightly_policy["spec"]["keySelector"] = {"matchLabels": {"tier": "nightly"}}
+        world.cluster.put("signingpolicies", nightly_policy)
+        await world.key(signer)
+        nightly = key_object("nightly")
+        nightly["metadata"]["labels"] = {"tier": "nightly"}
+        world.cluster.put("signingkeys", nightly)
+        await world.reconcile(signer, nightly)
+        for _ in range(2):  # signatures by a key the release policy does not name
+            await world.sign(signer, world.cluster.put("signrequests", request_object(key="nightly",
+                                                                                      artifacts=("a", "b"))))
+        await world.sign(signer, world.cluster.put("signrequests", request_object(artifacts=("a", "b"))))
+        refusal = await world.refused(world.sign(signer, world.cluster.put("signrequests", request_object())))
+        assert refusal.reason == "RateLimited" and "policy release allows 2 signatures" in str(refusal)
+    run(scenario())
+
+
 def test_requests_are_refused_while_the_api_server_cannot_be_read(world):
     async def scenario():
         signer = await world.signer()
@@ -621,6 +678,7 @@ def test_a_one_time_key_signs_one_request_whatever_status_claims(world):
         for _ in range(2):  # the key's status still says it is unused
             refusal = await world.refused(world.sign(signer, second))
             assert (refusal.reason, refusal.status) == ("KeyConsumed", 403)
+            assert f"already signed {first['metadata']['name']} " in str(refusal)
         assert await world.sign(signer, first) == answer  # its own request still gets its signatures back
 
         signer = await world.restart(signer)
@@ -804,6 +862,7 @@ def test_stored_signatures_that_do_not_match_their_audit_entry_are_never_returne
         stored.write_bytes(audit.canonical(result))
         refusal = await world.refused(world.sign(signer, request))
         assert (refusal.reason, refusal.status) == ("StoredSignaturesCorrupt", 500)
+        assert uid_of(request) in str(refusal)
         with pytest.raises(requests.Refused) as refused:
             signer.outcome(uid_of(request))
         assert refused.value.reason == "StoredSignaturesCorrupt"
@@ -999,6 +1058,7 @@ def test_a_log_that_fails_verification_keeps_the_signer_refusing_until_a_matchin
         opening = asyncio.create_task(signer.open(retry_seconds=0.01))
         try:
             await _refusing(world, signer, opening, request)
+            first_failure = signer.error
             # an instruction that names another checkpoint (an older one, or none) is ignored
             for other in ("none", f"0:sha256:{'0' * 64}", f"{checkpoint.index if checkpoint else 0}:sha256:{'1' * 64}"):
                 if other == audit.checkpoint_text(checkpoint):
@@ -1016,6 +1076,9 @@ def test_a_log_that_fails_verification_keeps_the_signer_refusing_until_a_matchin
         first = world.entries()[0]
         assert first["event"] == "ChainStarted" and first["reason"] == "INC-7"
         assert first["instruction"]["supersedes"] == audit.checkpoint_text(checkpoint)
+        assert first["instruction"]["failure"] and first["instruction"]["failure"] in first_failure
+        assert first["previous"]["checkpoint"] == (None if checkpoint is None else {"index": checkpoint.index,
+                                                                                    "hash": checkpoint.hash})
         assert world.reader.read_checkpoint() == signer.log.head  # the new chain counts once checkpointed
         # what the old state proves is carried over: the signed request is not signed again
         assert await world.sign(signer, request) == {**answer, "audit": {"index": 0, "entryHash": first["hash"]}}
@@ -1268,6 +1331,24 @@ def test_a_deleted_key_with_retain_keeps_its_material(world, clock):
         assert objects_of(world.token, uid) == {(1, "private_key"), (1, "public_key")}
         assert "destroy" not in world.operations
         assert not {"KeyDestructionScheduled", "KeyVersionDestroyed"} & set(world.events())
+    run(scenario())
+
+
+def test_a_key_whose_versions_are_all_destroyed_refuses_for_good(world, clock):
+    async def scenario():
+        signer = await world.signer()
+        key_body, _ = await setup_namespace(world, signer, destructionDelay="1m")
+        del key_body["spec"]["usage"]  # the CRD's default: Reusable
+        deleted = world.cluster.put("signingkeys", {**key_body, "metadata": {
+            **key_body["metadata"], "deletionTimestamp": format_time(datetime.datetime.now(UTC))}})
+        await world.reconcile(signer, deleted)
+        request = world.cluster.put("signrequests", request_object(*APPROVERS))
+        assert (await world.refused(world.sign(signer, request))).reason == "KeyNotReady"  # pending destruction
+        clock.at = datetime.datetime.now(UTC) + datetime.timedelta(minutes=2)
+        assert (await world.reconcile(signer, deleted))["finished"]
+        refusal = await world.refused(world.sign(signer, request))
+        assert (refusal.reason, refusal.status) == ("KeyDestroyed", 403)
+        assert "sign" not in world.operations
     run(scenario())
 
 
