@@ -16,7 +16,7 @@ from typing import Callable
 import pytest
 import yaml
 
-from keyroom.devenv import controlplane
+from keyroom.devenv import controlplane, fixtures
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
@@ -53,6 +53,23 @@ def get(cluster: controlplane.Environment, kind: str, name: str, *, namespace: s
     result = kubectl(cluster, "get", kind, name, "-n", namespace, "-o", "json", identity=identity)
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
+
+
+def identity(user: str) -> dict:
+    """A fixture user as the API server authenticates them (what spec.requester and approvals must say)."""
+    return {"username": user, "groups": [*fixtures.IDENTITIES[user], "system:authenticated"]}
+
+
+def approve(cluster: controlplane.Environment, name: str, user: str, decision: str = "Approve", *,
+            namespace: str = "team-a") -> subprocess.CompletedProcess:
+    """Append ``user``'s own decision to a SignRequest, as kubectl keyroom approve does."""
+    current = get(cluster, "signrequest", name, namespace=namespace)["spec"].get("approvals")
+    entry = {"user": user, "groups": identity(user)["groups"], "decision": decision}
+    ops = ([{"op": "test", "path": "/spec/approvals", "value": current},
+            {"op": "add", "path": "/spec/approvals/-", "value": entry}] if current is not None
+           else [{"op": "add", "path": "/spec/approvals", "value": [entry]}])
+    return kubectl(cluster, "patch", "signrequest", name, "-n", namespace, "--type=json", "-p", json.dumps(ops),
+                   identity=user)
 
 
 def wait_for(predicate: Callable[[], object], *, timeout: float = 30.0, what: str = "condition") -> object:

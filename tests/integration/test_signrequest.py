@@ -20,19 +20,16 @@ import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, utils
 
-from keyroom.devenv import controlplane, fixtures
+from keyroom.devenv import controlplane
 from keyroom.schedule import format_time, parse_time
 from keyroom.signer.client import SignerClient, SignerError, digests_fingerprint
 from tests.conftest import apply, get, kubectl, wait_for
+from tests.conftest import approve as _approve, identity as _identity
 
 pytestmark = pytest.mark.integration
 
 NAMESPACE = "team-a"
 FINAL = ("Signed", "Denied", "Expired", "Failed")
-
-
-def _identity(user: str) -> dict:
-    return {"username": user, "groups": [*fixtures.IDENTITIES[user], "system:authenticated"]}
 
 
 def _digest(text: str) -> str:
@@ -68,16 +65,6 @@ def _request(cluster, unique, key: str, digests: dict[str, str], *, user: str = 
                 "spec": {"keyRef": {"name": key}, "requester": _identity(user), "reason": "test release",
                          "digests": [{"name": n, "value": v} for n, v in digests.items()], **spec}}
     return name, apply(cluster, document, identity=user)
-
-
-def _approve(cluster, name: str, user: str, decision: str = "Approve") -> subprocess.CompletedProcess:
-    current = get(cluster, "signrequest", name, namespace=NAMESPACE)["spec"].get("approvals")
-    entry = {"user": user, "groups": _identity(user)["groups"], "decision": decision}
-    ops = ([{"op": "test", "path": "/spec/approvals", "value": current},
-            {"op": "add", "path": "/spec/approvals/-", "value": entry}] if current is not None
-           else [{"op": "add", "path": "/spec/approvals", "value": [entry]}])
-    return kubectl(cluster, "patch", "signrequest", name, "-n", NAMESPACE, "--type=json", "-p", json.dumps(ops),
-                   identity=user)
 
 
 def _status(cluster, name: str, namespace: str = NAMESPACE) -> dict:

@@ -26,8 +26,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, utils
 
-from keyroom.devenv import controlplane, fixtures
-from tests.conftest import apply, get, kubectl, wait_for
+from keyroom.devenv import controlplane
+from tests.conftest import apply, approve, get, identity, kubectl, wait_for  # noqa: F401  (shared)
 
 NAMESPACE = "team-a"
 FINAL = ("Signed", "Denied", "Expired", "Failed")
@@ -36,10 +36,6 @@ OPERATOR = object()
 
 
 # ---------------------------------------------------------------- objects, as the fixture people write them
-
-def identity(user: str) -> dict:
-    return {"username": user, "groups": [*fixtures.IDENTITIES[user], "system:authenticated"]}
-
 
 def digest(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
@@ -88,18 +84,6 @@ def make_request(cluster, unique, key: str, digests: dict[str, str] | None = Non
                                               namespace=namespace, **spec), identity=user)
     assert created.returncode == 0, created.stderr
     return name
-
-
-def approve(cluster, name: str, user: str, decision: str = "Approve", *,
-            namespace: str = NAMESPACE) -> subprocess.CompletedProcess:
-    """Append ``user``'s own decision, as kubectl keyroom approve does."""
-    current = get(cluster, "signrequest", name, namespace=namespace)["spec"].get("approvals")
-    entry = {"user": user, "groups": identity(user)["groups"], "decision": decision}
-    ops = ([{"op": "test", "path": "/spec/approvals", "value": current},
-            {"op": "add", "path": "/spec/approvals/-", "value": entry}] if current is not None
-           else [{"op": "add", "path": "/spec/approvals", "value": [entry]}])
-    return kubectl(cluster, "patch", "signrequest", name, "-n", namespace, "--type=json", "-p", json.dumps(ops),
-                   identity=user)
 
 
 def key_status(cluster, name: str, namespace: str = NAMESPACE) -> dict:
