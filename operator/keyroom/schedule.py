@@ -21,15 +21,17 @@ schedule fires in every hour of the day (hour field ``*``, ``*/1``, ``0-23``,
   window (New York ``0 * * * *`` opens at 01:00 EDT and again at 01:00 EST).
 * Spring forward (a gap; Berlin 2026-03-29 02:00-03:00 does not exist): a
   fixed-hour schedule whose time is skipped fires once, at the moment the clock
-  jumps (``30 2 * * *`` opens at 03:00 CEST = 01:00 UTC), like systemd's and
-  most schedulers' "run once when skipped"; several skipped times (``*/15 2 * * *``)
-  open one window. An hourly schedule again follows real time: the skipped hour
-  never happened, and its neighbours are already an hour apart (New York
-  ``30 * * * *`` opens at 01:30 EST, then 03:30 EDT).
+  jumps (``30 2 * * *`` opens at 03:00 CEST = 01:00 UTC): "run once when
+  skipped"; several skipped times (``*/15 2 * * *``) open one window. An hourly
+  schedule again follows real time: the skipped hour never happened, and its
+  neighbours are already an hour apart (New York ``30 * * * *`` opens at 01:30
+  EST, then 03:30 EDT).
 
 This is Vixie cron's rule for fixed-time and wildcard jobs, except that Vixie
 cron counts any hour field starting with ``*`` (``*/2``) as a wildcard; here
-only a schedule that really fires every hour follows real time.
+only a schedule that really fires every hour follows real time. It is computed
+on naive wall-clock times (croniter never sees a time zone), each converted to
+UTC explicitly with PEP 495's ``fold``.
 
 A schedule that never fires (``0 0 30 2 *``) or can go longer than the search
 horizon without firing (``0 0 29 2 *``) is refused by ``validate_windows``;
@@ -75,6 +77,8 @@ _MINUTE = datetime.timedelta(minutes=1)
 #: because croniter searches that long every time half of an "either day" schedule (``* * 30 2 1``) fails.
 _CRON_YEARS = 2
 _LATEST = datetime.datetime.max.replace(tzinfo=UTC)
+#: (opens, closes): a window is open from its opening instant up to, not including, its closing one.
+_Interval = tuple[datetime.datetime, datetime.datetime]
 
 
 def parse_duration(text: str) -> datetime.timedelta:
@@ -175,19 +179,18 @@ def _openings(walls: croniter, first_wall: datetime.datetime, zone: zoneinfo.Zon
     wall = first_wall
     while True:
         instants = _instants(wall, zone, every_hour)
-        if not instants:
-            continue
-        earliest, *repeated = instants
-        while repeats and repeats[0] <= earliest:
-            moment = heapq.heappop(repeats)
-            if moment != last:
-                last = moment
-                yield moment
-        if earliest != last:  # several times in one gap open a single window
-            last = earliest
-            yield earliest
-        for moment in repeated:
-            heapq.heappush(repeats, moment)
+        if instants:  # none for an hourly schedule's time in a gap
+            earliest, *repeated = instants
+            while repeats and repeats[0] <= earliest:
+                moment = heapq.heappop(repeats)
+                if moment != last:
+                    last = moment
+                    yield moment
+            if earliest != last:  # several times in one gap open a single window
+                last = earliest
+                yield earliest
+            for moment in repeated:
+                heapq.heappush(repeats, moment)
         try:
             wall = walls.get_next(datetime.datetime)
         except CroniterError:  # no firing within croniter's search: none within the horizon either
@@ -195,7 +198,7 @@ def _openings(walls: croniter, first_wall: datetime.datetime, zone: zoneinfo.Zon
     yield from (moment for moment in sorted(repeats) if moment != last)
 
 
-def _open_intervals(window: Mapping, around: datetime.datetime) -> Iterator[tuple[datetime.datetime, datetime.datetime]]:
+def _open_intervals(window: Mapping, around: datetime.datetime) -> Iterator[_Interval]:
     """The window's open intervals in order of opening: the latest to open at or before ``around``, then the
     ones after it up to the search horizon."""
     if "start" in window:
@@ -207,8 +210,8 @@ def _open_intervals(window: Mapping, around: datetime.datetime) -> Iterator[tupl
     # Inside the first pass through a repeated hour, the second occurrences of wall times before `around`'s
     # are still ahead: start that much earlier on the wall clock (the length of the fold, else nothing).
     # (Aware datetimes in the same zone subtract as wall times: compare them in UTC.)
-    fold = max(wall.replace(tzinfo=zone, fold=1).astimezone(UTC) - wall.replace(tzinfo=zone, fold=0).astimezone(UTC),
-               datetime.timedelta())
+    first, second = (wall.replace(tzinfo=zone, fold=fold).astimezone(UTC) for fold in (0, 1))
+    fold = max(second - first, datetime.timedelta())
     minute = (wall - fold).replace(second=0, microsecond=0)
     # One croniter for the whole walk: building one (parsing the expression) costs more than a step.
     walls = croniter(window["schedule"], minute + _MINUTE, max_years_between_matches=_CRON_YEARS)
@@ -239,7 +242,8 @@ def availability(offline: Mapping | None, now: datetime.datetime) -> Availabilit
     """Whether a key with this ``spec.offline`` may sign at ``now``."""
     if not offline or not offline.get("enabled", True):
         return Availability(online=True, until=None, next_open=None)
-    intervals: Iterable[tuple[datetime.datetime, datetime.datetime]] = heapq.merge(
+    # In order of opening, so every interval open at `now` comes before any that opens after it.
+    intervals: Iterable[_Interval] = heapq.merge(
         *(_open_intervals(window, now) for window in offline.get("windows") or []))
     until: datetime.datetime | None = None
     merged = 0
@@ -257,6 +261,7 @@ def availability(offline: Mapping | None, now: datetime.datetime) -> Availabilit
             break
     if until is None:
         return Availability(online=False, until=None, next_open=None)
+    # A window that closes after year 9999 never closes.
     return Availability(online=True, until=None if until == _LATEST else until, next_open=None)
 
 

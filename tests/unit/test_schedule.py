@@ -133,16 +133,13 @@ def test_berlin_fall_back_opens_a_fixed_hour_window_once_at_the_first_0230():
     assert_online(BERLIN_0230, "2026-10-25T00:30:00Z", "2026-10-25T01:30:00Z")
     assert_online(BERLIN_0230, "2026-10-25T01:29:59Z", "2026-10-25T01:30:00Z")
     assert_offline(BERLIN_0230, "2026-10-25T01:30:00Z", "2026-10-26T01:30:00Z")   # the second 02:30
+    assert_offline(BERLIN_0230, "2026-10-25T01:45:00Z", "2026-10-26T01:30:00Z")
     assert_offline(BERLIN_0230, "2026-10-25T02:00:00Z", "2026-10-26T01:30:00Z")
-
-
-def test_berlin_fall_back_window_lasts_its_duration_in_real_time():
-    # Opens 00:00 CEST (22:00Z) and lasts 8 real hours across the change: closes 07:00 CET, not 08:00.
+    # A window lasts its duration in real time across the change: 00:00 CEST (22:00Z) for 8h closes at
+    # 07:00 CET, not 08:00.
     midnight = recurring("0 0 * * *", "8h", "Europe/Berlin")
     assert_online(midnight, "2026-10-24T22:00:00Z", "2026-10-25T06:00:00Z")
     assert_offline(midnight, "2026-10-25T06:00:00Z", "2026-10-25T23:00:00Z")
-    # ...and the fixed-hour window of that night opened once even while asked about from inside the fold.
-    assert_offline(BERLIN_0230, "2026-10-25T01:45:00Z", "2026-10-26T01:30:00Z")
 
 
 def test_berlin_hourly_window_opens_in_both_repeated_hours():
@@ -263,7 +260,7 @@ def test_validate_windows_reports_what_availability_cannot_read():
     "0 0 29 2 *",
 ])
 @pytest.mark.parametrize("zone", ["Europe/Berlin", "America/New_York", "Australia/Lord_Howe", "UTC"])
-@pytest.mark.parametrize("duration", ["30m", "25h", "99999999d"])
+@pytest.mark.parametrize("duration", ["30m", "99999999d"])
 def test_availability_never_raises_and_finds_the_next_window_of_a_valid_schedule(schedule, zone, duration):
     offline = {"windows": [{"schedule": schedule, "duration": duration, "timeZone": zone}]}
     valid = not validate_windows(offline)
