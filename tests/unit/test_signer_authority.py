@@ -500,8 +500,11 @@ def test_an_approved_request_is_signed_once_and_retries_get_the_same_signatures(
         assert key["versions"][0]["publicKey"] == record.versions[1].public_key
         request = world.cluster.put("signrequests", request_object(*APPROVERS, "dave", artifacts=("a", "b", "c")))
 
+        before = datetime.datetime.now(UTC).replace(microsecond=0)
         answer = await world.sign(signer, request)
         assert answer["keyVersion"] == 1 and len(answer["signatures"]) == 3
+        signed_at = datetime.datetime.strptime(answer["signedAt"], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
+        assert before <= signed_at <= datetime.datetime.now(UTC)
         verify(public_key(record, 1), request, answer)
         intent, signed = world.entries()[-2:]
         assert (intent["event"], signed["event"]) == ("Intent", "Signed")
@@ -525,6 +528,24 @@ def test_an_approved_request_is_signed_once_and_retries_get_the_same_signatures(
         assert await world.sign(signer, request) == answer
         assert len(world.entries()) == entries and world.operations.count("sign") == 1
         assert signer.outcome(str(uuid.uuid4())) == {"state": "Unsigned"}
+    run(scenario())
+
+
+@pytest.mark.parametrize("algorithm", ["SHA384", "SHA512"])
+def test_digests_are_signed_as_the_algorithm_the_request_names(world, algorithm):
+    async def scenario():
+        signer = await world.signer()
+        _, key = await setup_namespace(world, signer)
+        request = request_object(*APPROVERS, artifacts=("a", "b"))
+        request["spec"]["digestAlgorithm"] = algorithm
+        for digest in request["spec"]["digests"]:
+            digest["value"] = hashlib.new(algorithm.lower(), digest["name"].encode()).hexdigest()
+        world.cluster.put("signrequests", request)
+        answer = await world.sign(signer, request)
+        assert world.entries()[-2]["digestAlgorithm"] == algorithm
+        for digest, signature in zip(request["spec"]["digests"], answer["signatures"]):
+            public_key(key, 1).verify(base64.b64decode(signature["value"]), bytes.fromhex(digest["value"]),
+                                      ec.ECDSA(utils.Prehashed(getattr(hashes, algorithm)())))
     run(scenario())
 
 
@@ -790,6 +811,7 @@ def test_an_hsm_failure_abandons_the_attempt_at_once(world):
             await world.sign(signer, request)
         intent, abandoned = world.entries()[-2:]
         assert (intent["event"], abandoned["event"], abandoned["intent"]) == ("Intent", "Abandoned", intent["index"])
+        assert "DeviceError" in abandoned["message"]
         assert not signer.log.requests[uid_of(request)].open_intent
         assert (await world.sign(signer, request))["keyVersion"] == 1
     run(scenario())
@@ -822,6 +844,44 @@ def test_an_intent_left_open_is_abandoned_before_the_request_is_signed_again(wor
         assert [e["event"] for e in entries] == ["Intent", "Abandoned", "Intent", "Signed"]
         assert entries[1]["intent"] == entries[0]["index"] and entries[3]["intent"] == entries[2]["index"]
         assert answer["keyVersion"] == 1
+    run(scenario())
+
+
+def test_a_request_for_a_key_that_does_not_exist_waits_for_it(world):
+    async def scenario():
+        signer = await world.signer()
+        await setup_namespace(world, signer)
+        request = world.cluster.put("signrequests", request_object(*APPROVERS, key="not-yet"))
+        refusal = await world.refused(world.sign(signer, request))
+        assert (refusal.reason, refusal.status) == ("KeyNotFound", 403) and "not-yet" in str(refusal)
+        assert "sign" not in world.operations
+    run(scenario())
+
+
+def test_signatures_stored_before_a_failed_log_write_are_returned_not_made_again(world, monkeypatch):
+    async def scenario():
+        signer = await world.signer()
+        _, key = await setup_namespace(world, signer)
+        request = world.cluster.put("signrequests", request_object(*APPROVERS))
+        append = signer.log.append
+
+        def failing(event, **fields):
+            if event == "Signed" and not failing.done:
+                failing.done = True
+                raise OSError("No space left on device")
+            return append(event, **fields)
+        failing.done = False
+        monkeypatch.setattr(signer.log, "append", failing)
+        with pytest.raises(OSError):
+            await world.sign(signer, request)
+        assert signer.log.requests[uid_of(request)].open_intent
+        stored = signer.log.load_result(uid_of(request))
+        answer = await world.sign(signer, request)  # the open intent is completed from the stored signatures
+        assert answer["signatures"] == stored["signatures"] and world.operations.count("sign") == 1
+        signed = world.entries()[-1]
+        assert signed["event"] == "Signed" and answer["audit"] == {"index": signed["index"],
+                                                                   "entryHash": signed["hash"]}
+        verify(public_key(key, 1), request, answer)
     run(scenario())
 
 
@@ -1095,7 +1155,8 @@ def test_a_new_chain_keeps_a_used_one_time_key_used(world, how):
             "supersedes": audit.checkpoint_text(world.reader.read_checkpoint()), "reason": "INC-10"}
         signer = await world.signer()
         assert signer.log.restarted
-        await world.reconcile(signer, key_body)  # versions are adopted from the token
+        key = await world.reconcile(signer, key_body)  # versions are adopted from the token
+        assert key["consumedBy"] == request["metadata"]["name"]  # known from the log or the stored result
         other = world.cluster.put("signrequests", request_object(*APPROVERS))
         refusal = await world.refused(world.sign(signer, other))
         assert refusal.reason == "KeyConsumed" and world.operations.count("sign") == 1
