@@ -524,9 +524,10 @@ def test_an_approved_request_is_signed_once_and_retries_get_the_same_signatures(
         assert await world.sign(signer, request) == answer
         outcome = signer.outcome(uid_of(request))
         assert outcome == {"state": "Signed", **answer}
-        signer = await world.restart(signer)
+        signer = await world.restart(signer, max_unchecked=1)  # the checkpoint it opened with counts as written
         assert await world.sign(signer, request) == answer
         assert len(world.entries()) == entries and world.operations.count("sign") == 1
+        assert (await world.refused(world.sign(signer, request_object()))).reason == "RequestNotFound"
         assert signer.outcome(str(uuid.uuid4())) == {"state": "Unsigned"}
     run(scenario())
 
@@ -885,6 +886,41 @@ def test_signatures_stored_before_a_failed_log_write_are_returned_not_made_again
     run(scenario())
 
 
+def test_calls_are_refused_until_start_up_has_resolved_open_intents(world, monkeypatch):
+    async def scenario():
+        signer = await world.signer()
+        await setup_namespace(world, signer)
+        request = world.cluster.put("signrequests", request_object(*APPROVERS))
+        world.fail["sign"] = Crash()
+        with pytest.raises(Crash):
+            await world.sign(signer, request)
+        world.checkpoint(signer)
+        signer.log.close()
+        append = audit.AuditLog.append
+
+        def slow(self, event, **fields):
+            if event == "Abandoned":
+                import time
+                time.sleep(0.3)
+            return append(self, event, **fields)
+        monkeypatch.setattr(audit.AuditLog, "append", slow)
+        restarted = world.new_signer()
+        opening = asyncio.create_task(restarted.open(retry_seconds=0.01))
+        try:
+            while restarted.log is None:
+                await asyncio.sleep(0.005)
+            assert restarted.error is not None  # the log is read, its open intent not resolved yet
+            refusal = await world.refused(world.sign(restarted, request))
+            assert (refusal.reason, refusal.status) == ("AuditLogUnavailable", 503)
+            with pytest.raises(requests.Refused):
+                restarted.outcome(uid_of(request))
+            await asyncio.wait_for(opening, 5)
+        finally:
+            opening.cancel()
+        assert (await world.sign(restarted, request))["keyVersion"] == 1
+    run(scenario())
+
+
 def test_stored_signatures_complete_an_open_intent_and_are_not_made_again(world):
     async def scenario():
         signer = await world.signer()
@@ -938,6 +974,7 @@ def test_a_key_uid_names_one_signing_key_for_good(world):
     async def scenario():
         signer = await world.signer()
         key_body, _ = await world.key(signer)
+        assert not signer._locks  # the key's lock is dropped once idle
         world.cluster.put("signingkeys", key_object("other"))
         refusal = await world.refused(signer.reconcile_key(namespace=NS, name="other", uid=uid_of(key_body)))
         assert (refusal.reason, refusal.status) == ("KeyMismatch", 409)
@@ -1283,12 +1320,24 @@ def test_an_unreadable_checkpoint_keeps_the_signer_refusing(world):
         signer = world.new_signer()
         opening = asyncio.create_task(signer.open(retry_seconds=0.01))
         await asyncio.sleep(0.05)
-        assert not opening.done() and signer.error.startswith("cannot read the audit checkpoint")
+        assert not opening.done() and signer.error == "cannot read the audit checkpoint: ConnectionRefusedError"
         refusal = await world.refused(signer.reconcile_key(namespace=NS, name="release", uid=str(uuid.uuid4())))
         assert (refusal.reason, refusal.status) == ("AuditLogUnavailable", 503)
         world.cluster.down = False
         await asyncio.wait_for(opening, 5)
         assert signer.error is None
+    run(scenario())
+
+
+def test_with_no_room_ahead_of_the_checkpoint_only_the_first_entry_is_written(world):
+    async def scenario():
+        signer = await world.signer(max_unchecked=0)
+        request = request_object(*APPROVERS)  # not in the cluster
+        assert (await world.refused(world.sign(signer, request))).reason == "RequestNotFound"  # empty log: 0 ahead
+        assert (await world.refused(world.sign(signer, request))).reason == "CheckpointBehind"
+        world.checkpoint(signer)
+        signer._checkpointed = signer.log.head  # what keep_checkpoint records after writing
+        assert (await world.refused(world.sign(signer, request))).reason == "RequestNotFound"
     run(scenario())
 
 
