@@ -550,6 +550,27 @@ def test_digests_are_signed_as_the_algorithm_the_request_names(world, algorithm)
     run(scenario())
 
 
+def test_what_a_request_or_key_leaves_out_takes_the_crds_defaults(world):
+    async def scenario():
+        signer = await world.signer()
+        world.cluster.put("signingpolicies", {**policy_object(), "spec": {
+            k: v for k, v in policy_object()["spec"].items() if k != "requiredApprovals"}})  # one approval
+        key_body, key = await world.key(signer)
+        del key_body["spec"]["usage"]
+        world.cluster.put("signingkeys", key_body)
+        request = request_object("bob")
+        for field in ("digestAlgorithm", "reason", "format"):
+            del request["spec"][field]
+        world.cluster.put("signrequests", request)
+        waiting = world.cluster.put("signrequests", request_object())
+        assert (await world.refused(world.sign(signer, waiting))).reason == "AwaitingApproval"
+        answer = await world.sign(signer, request)
+        verify(public_key(key, 1), request, answer)  # SHA256
+        intent = world.entries()[-2]
+        assert (intent["digestAlgorithm"], intent["reason"], intent["key"]["usage"]) == ("SHA256", "", "Reusable")
+    run(scenario())
+
+
 def test_a_request_signed_long_ago_is_never_signed_again(world):
     async def scenario():
         signer = await world.signer()
@@ -621,12 +642,14 @@ def test_the_signers_own_log_enforces_the_hourly_limit(world):
     run(scenario())
 
 
-def test_a_policy_counts_the_signatures_of_the_keys_it_names_and_only_those(world):
+@pytest.mark.parametrize("selected_by", ["name", "labels"])
+def test_a_policy_counts_the_signatures_of_the_keys_it_selects_and_only_those(world, selected_by):
     async def scenario():
         signer = await world.signer()
-        world.cluster.put("signingpolicies", {**policy_object(required=0, maxSignaturesPerHour=2),
-                                              "spec": {**policy_object(required=0)["spec"], "keySelector": None,
-                                                       "keys": ["release"], "maxSignaturesPerHour": 2}})
+        selection = ({"keySelector": None, "keys": ["release"]} if selected_by == "name"
+                     else {"keySelector": {"matchLabels": {"tier": "release"}}})
+        world.cluster.put("signingpolicies", {**policy_object(required=0), "spec": {
+            **policy_object(required=0)["spec"], **selection, "maxSignaturesPerHour": 2}})
         nightly_policy = policy_object("nightly", required=0)
         nightly_policy["spec"]["keySelector"] = {"matchLabels": {"tier": "nightly"}}
         world.cluster.put("signingpolicies", nightly_policy)
