@@ -99,6 +99,10 @@ def test_scheduled_rotation_trims_and_destroys_old_versions(cluster, unique):
     assert key_label(cluster, name, status["currentVersion"]) in token_labels(cluster)
     # The destroyed version's public key stays published for verifying old signatures.
     assert next(v for v in status["versions"] if v["version"] == 1)["publicKey"].startswith("-----BEGIN PUBLIC KEY")
+    # Stop rotating: a key that rotates every 3 s would keep changing the token under later tests.
+    stopped = kubectl(cluster, "patch", "signingkey", name, "-n", NAMESPACE, "--type=json",
+                      "-p", json.dumps([{"op": "remove", "path": "/spec/rotation"}]))
+    assert stopped.returncode == 0, stopped.stderr
 
 
 def test_online_flips_at_the_window_edges(cluster, unique):
