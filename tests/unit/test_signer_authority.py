@@ -1074,6 +1074,38 @@ def test_concurrent_calls_for_one_request_sign_it_once(world):
     run(scenario())
 
 
+def test_a_rotation_waits_for_a_signature_in_progress_with_the_same_key(world):
+    """Signing and key changes are serialised per key: a version is never retired under a signature."""
+    async def scenario():
+        signer = await world.signer()
+        key_body, _ = await setup_namespace(world, signer)
+        request = world.cluster.put("signrequests", request_object(*APPROVERS))
+        in_token = world.in_token
+
+        def slow_sign(operation, call):
+            if operation == "sign":
+                import time
+
+                def slowly(token):
+                    time.sleep(0.3)
+                    return call(token)
+                return in_token(operation, slowly)
+            return in_token(operation, call)
+        signer._in_token = slow_sign
+        signing = asyncio.create_task(world.sign(signer, request))
+        while "Intent" not in world.events():
+            await asyncio.sleep(0.005)
+        rotated = world.cluster.put("signingkeys", {**key_body, "metadata": {
+            **key_body["metadata"], "annotations": {keys.ROTATE_ANNOTATION: "during-signing"}}})
+        key = await world.reconcile(signer, rotated)
+        answer = await signing
+        assert answer["keyVersion"] == 1 and key["currentVersion"] == 2
+        events = world.events()
+        assert events.index("Signed") < events.index("KeyVersionDisabled")  # the rotation waited
+        assert not signer._locks
+    run(scenario())
+
+
 def test_concurrent_requests_on_a_fresh_one_time_key_sign_only_one(world):
     async def scenario():
         signer = await world.signer()
