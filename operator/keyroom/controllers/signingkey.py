@@ -34,7 +34,8 @@ from keyroom.signer.client import SignerClient, SignerError
 _MAX_BACKOFF = 60.0
 #: signer failures that only a change of configuration fixes
 _STALLING = {"SignerUnauthenticated", "SignerForbidden", "PinIncorrect", "PinLocked", "TokenNotFound",
-             "ModuleNotFound", "TokenFull", "SignerNotConfigured", "InvalidSpec", "InvalidRequest"}
+             "ModuleNotFound", "TokenFull", "SignerNotConfigured", "InvalidSpec", "InvalidRequest",
+             "KeyMaterialMissing"}
 #: how often a deleting key asks the signer again (so that deletionPolicy: Retain cancels quickly)
 _DELETION_POLL_SECONDS = 10.0
 
@@ -67,7 +68,7 @@ def desired_status(*, spec: Mapping, status: Mapping, record: Mapping | None, ge
                                   "rotate the key (annotate keyroom.dev/rotate) to generate a new version")
     if destroyed:
         phase = "Destroyed"
-    elif current is None and error is not None and (error.reason in _STALLING or error.reason == "KeyMaterialMissing"):
+    elif current is None and error is not None and error.reason in _STALLING:
         phase = "Failed"
     elif current is None:
         phase = "Pending"
@@ -76,7 +77,7 @@ def desired_status(*, spec: Mapping, status: Mapping, record: Mapping | None, ge
 
     updates = []
     if error is not None:
-        stalled = error.reason in _STALLING or error.reason == "KeyMaterialMissing"
+        stalled = error.reason in _STALLING
         message = f"{error} ({error.reason})"
         updates += [conditions.condition("Stalled", stalled, error.reason, message, generation=generation),
                     conditions.condition("Reconciling", not stalled, error.reason, message, generation=generation)]
