@@ -65,6 +65,14 @@ class _CertificatesInOrder(cms.CertificateSet):
         core.SequenceOf._set_contents(self, force)
 
 
+def tlv(tag: int, contents: bytes) -> bytes:
+    """One DER element: the tag byte ``tag``, the definite length of ``contents``, ``contents``."""
+    if len(contents) < 0x80:
+        return bytes([tag, len(contents)]) + contents
+    length = len(contents).to_bytes((len(contents).bit_length() + 7) // 8, "big")
+    return bytes([tag, 0x80 | len(length)]) + length + contents
+
+
 def digest_of(digest_algorithm: str) -> _Digest:
     """The digest algorithm named ``digest_algorithm`` (SHA256, SHA384, SHA512); FormatError for any other."""
     if digest_algorithm not in DIGEST_ALGORITHMS:
@@ -111,14 +119,15 @@ def _signature_algorithm(key_algorithm: str, digest: _Digest) -> algos.SignedDig
     return algos.SignedDigestAlgorithm({"algorithm": "rsassa_pkcs1v15", "parameters": core.Null()})
 
 
-def signed_data(*, content_type: str, content: core.Asn1Value | None, message_digest: bytes,
+def signed_data(*, content_type: str, content_der: bytes | None, message_digest: bytes,
                 digest_algorithm: str, attributes: Sequence[cms.CMSAttribute] = (),
                 certificate_der: bytes, chain_der: Sequence[bytes], sign: SignDigest) -> bytes:
     """A DER ContentInfo(SignedData v1) with one SignerInfo, signed through ``sign`` by the certificate's key.
 
     ``content_type`` (an OID, dotted or as asn1crypto names it) is the
-    encapsulated content's type and ``content`` the content itself, or None for
-    a detached signature. The signed attributes are contentType,
+    encapsulated content's type and ``content_der`` the DER of the content
+    itself (PKCS#7 style, ``[0] EXPLICIT`` without an OCTET STRING around it), or
+    None for a detached signature. The signed attributes are contentType,
     messageDigest (``message_digest``) and ``attributes``; the SignerInfo
     names the signer by the certificate's issuer and serial number, and the
     certificates are ``certificate_der`` followed by ``chain_der``.
@@ -144,7 +153,7 @@ def signed_data(*, content_type: str, content: core.Asn1Value | None, message_di
         cms.CMSAttribute({"type": "message_digest", "values": [core.OctetString(message_digest)]}),
     ])
     # RFC 5652 5.4: the key signs the DER of the attributes as a SET OF (tag 0x31), not as [0] IMPLICIT.
-    attributes_der = signed_attributes.dump(force=True)
+    attributes_der = signed_attributes.dump()
     signature = sign(digest.hashlib(attributes_der).digest(), digest_algorithm)
     if not isinstance(signature, bytes | bytearray):
         raise FormatError(f"the signing callback returned {type(signature).__name__}, not bytes")
@@ -159,13 +168,14 @@ def signed_data(*, content_type: str, content: core.Asn1Value | None, message_di
         "signature_algorithm": _signature_algorithm(key_algorithm, digest),
         "signature": bytes(signature),
     })
-    encapsulated = {"content_type": content_type}
-    if content is not None:
-        encapsulated["content"] = content
+    # Built by hand: asn1crypto drops the [0] EXPLICIT tag of a content assigned to ContentInfo's ANY field.
+    encapsulated = cms.ContentType(content_type).dump()
+    if content_der is not None:
+        encapsulated += tlv(0xA0, bytes(content_der))
     data = cms.SignedData({
         "version": "v1",
         "digest_algorithms": [digest_identifier],
-        "encap_content_info": cms.ContentInfo(encapsulated),
+        "encap_content_info": cms.ContentInfo.load(tlv(0x30, encapsulated)),
         "certificates": _CertificatesInOrder([certificate, *chain]),
         "signer_infos": [signer_info],
     })
@@ -198,6 +208,6 @@ def detached(*, digest: bytes, digest_algorithm: str, certificate_der: bytes, ch
              signing_time: datetime.datetime, sign: SignDigest) -> bytes:
     """A DER ContentInfo(SignedData) for content whose digest is ``digest``: eContentType data, no eContent,
     signed attributes contentType, signingTime, messageDigest; certificates leaf then chain."""
-    return signed_data(content_type="data", content=None, message_digest=digest, digest_algorithm=digest_algorithm,
+    return signed_data(content_type="data", content_der=None, message_digest=digest, digest_algorithm=digest_algorithm,
                        attributes=[signing_time_attribute(signing_time)], certificate_der=certificate_der,
                        chain_der=chain_der, sign=sign)
