@@ -13,6 +13,8 @@ from keyroom.api.schema import Schema, array, integer, name, obj, string, timest
 GROUP = "keyroom.dev"
 #: the annotation that asks for a manual rotation: an input to the signer, so people\'s alone to write
 ROTATE_ANNOTATION = f"{GROUP}/rotate"
+#: where a platform admin supplies the certificate an external CA issued for a Certificate's CSR (PEM, chain after it)
+ISSUED_CERTIFICATE_ANNOTATION = f"{GROUP}/issued-certificate"
 VERSION = "v1alpha1"
 API_VERSION = f"{GROUP}/{VERSION}"
 CATEGORY = "keyroom"

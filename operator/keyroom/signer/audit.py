@@ -32,7 +32,7 @@ import threading
 import time
 from typing import Any, Callable, Iterator
 
-from keyroom.signer import keys
+from keyroom.signer import certificates, keys
 
 GENESIS = "sha256:" + "0" * 64
 #: the ConfigMap (in the signer's namespace) that holds the checkpointed head; only the signer writes it
@@ -189,6 +189,8 @@ class AuditLog:
         self.requests: dict[str, RequestRecord] = {}
         #: the signer's record of each SigningKey by UID (see keyroom.signer.keys)
         self.keys: dict[str, keys.KeyRecord] = {}
+        #: the signer's record of each Certificate by UID: what it issued, revoked and published (CRLs)
+        self.certificates: dict[str, certificates.CertificateRecord] = {}
         #: whether this chain was started anew by an administrator (key records are then rebuilt from the token)
         self.restarted = False
         #: signatures of the last hour by intent index: (time, namespace, key name, count), oldest first.
@@ -212,6 +214,7 @@ class AuditLog:
         uid = (entry.get("request") or {}).get("uid")
         record = self.requests.setdefault(uid, RequestRecord()) if uid and event in _REQUEST_EVENTS else None
         keys.apply(self.keys, entry)
+        certificates.apply(self.certificates, entry)
         if event == "ChainStarted":
             self.restarted = True
             for carried in entry.get("signedRequests") or []:

@@ -98,6 +98,15 @@ class SignerClient:
         """
         return await self._call("POST", f"/v1/keys/{namespace}/{name}/{uid}/reconcile")
 
+    async def reconcile_certificate(self, *, namespace: str, name: str, uid: str) -> dict[str, Any]:
+        """Have the signer apply the Certificate's spec and the clock (issue, renew, revoke, publish its CRL).
+
+        The answer has revision, current (serialNumber, notBefore, notAfter,
+        renewalTime, fingerprint, keyVersion, certificate, chain, root, issuer),
+        pool, csr, revoked, crl, waiting {reason, message}, nextChangeAt, deleted.
+        """
+        return await self._call("POST", f"/v1/certificates/{namespace}/{name}/{uid}/reconcile")
+
     async def list_objects(self) -> list[dict]:
         return (await self._call("GET", "/v1/keys"))["objects"]
 

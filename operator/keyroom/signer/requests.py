@@ -112,6 +112,15 @@ class ClusterReader:
     async def key(self, namespace: str, name: str) -> dict | None:
         return await asyncio.to_thread(self._get, "signingkeys", namespace, name)
 
+    async def certificate(self, namespace: str, name: str) -> dict | None:
+        return await asyncio.to_thread(self._get, "certificates", namespace, name)
+
+    async def certificates(self, namespace: str) -> list[dict]:
+        return await asyncio.to_thread(self._list, "certificates", namespace)
+
+    async def policies(self, namespace: str) -> list[dict]:
+        return await asyncio.to_thread(self._list, "signingpolicies", namespace)
+
     def _config_map(self, name: str) -> dict[str, str] | None:
         try:
             found = self._apis()[1].read_namespaced_config_map(name, self.namespace)

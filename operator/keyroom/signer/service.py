@@ -36,7 +36,7 @@ import prometheus_client
 from aiohttp import web
 
 from keyroom import kubeclient
-from keyroom.signer import audit, hsm, requests
+from keyroom.signer import audit, hsm, issuing, requests
 from keyroom.signer.client import SIGNER_AUDIENCE
 
 logger = logging.getLogger("keyroom.signer")
@@ -185,6 +185,7 @@ class Signer:
                                                reader=requests.ClusterReader(namespace=config.namespace),
                                                in_token=self._in_token,
                                                mac_source=lambda: self.token.audit_mac if self.token else None)
+        self.authority = issuing.CertificateAuthority(self.requests)
 
     # -------------------------------------------------------------- the token
 
@@ -311,6 +312,13 @@ class Signer:
             return await self._refusable("reconcile_key", lambda: self.requests.reconcile_key(**named))
         return await self._run("reconcile_key", call)
 
+    async def reconcile_certificate(self, request: web.Request) -> web.Response:
+        """Apply a Certificate's spec (read by the signer) and the clock: issue, renew, revoke, publish its CRL."""
+        async def call():
+            named = self._named(request)
+            return await self._refusable("reconcile_certificate", lambda: self.authority.reconcile(**named))
+        return await self._run("reconcile_certificate", call)
+
     async def sign_request(self, request: web.Request) -> web.Response:
         """Sign a SignRequest after checking it against the API server: {"digests": "sha256:..."}."""
         async def call():
@@ -344,6 +352,7 @@ class Signer:
             web.get("/metrics", self.metrics_endpoint),
             web.get("/v1/keys", self.list_objects),
             web.post("/v1/keys/{namespace}/{name}/{uid}/reconcile", self.reconcile_key),
+            web.post("/v1/certificates/{namespace}/{name}/{uid}/reconcile", self.reconcile_certificate),
             web.post("/v1/requests/{namespace}/{name}/{uid}/sign", self.sign_request),
             web.get("/v1/requests/{namespace}/{name}/{uid}", self.request_outcome),
         ])
