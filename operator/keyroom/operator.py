@@ -15,7 +15,8 @@ from typing import Any
 
 import kopf
 
-from keyroom.controllers import policy as _policy  # noqa: F401  (registers the handlers)
+from keyroom.controllers import certificate as _certificate  # noqa: F401  (registers the handlers)
+from keyroom.controllers import policy as _policy  # noqa: F401
 from keyroom.controllers import signingkey as _signingkey  # noqa: F401
 from keyroom.controllers import signrequest as _signrequest  # noqa: F401
 from keyroom.controllers import tokenaudit as _tokenaudit  # noqa: F401

@@ -14,8 +14,8 @@ from keyroom import schedule
 #: How long a request waits when no policy says (the SigningPolicy default).
 DEFAULT_REQUEST_TTL = "24h"
 RATE_WINDOW = datetime.timedelta(hours=1)
-#: the signature formats the signer produces (cms, a CMS SignedData with the key's certificate, comes with Certificates)
-SUPPORTED_FORMATS = ("raw",)
+#: the signature formats the signer produces (cms, authenticode and jar embed the key version's certificate)
+SUPPORTED_FORMATS = ("raw", "cms", "authenticode", "jar", "sigstore")
 
 
 def _requirement_holds(labels: Mapping[str, str], requirement: Mapping) -> bool:
@@ -152,7 +152,7 @@ def request_problems(policy_spec: Mapping, request_spec: Mapping, *, namespace: 
     if algorithm not in (policy_spec.get("allowedDigestAlgorithms") or ["SHA256", "SHA384", "SHA512"]):
         problems.append(f"digest algorithm {algorithm} is not allowed")
     fmt = request_spec.get("format", "raw")
-    if fmt not in (policy_spec.get("allowedFormats") or ["raw", "cms"]):
+    if fmt not in (policy_spec.get("allowedFormats") or SUPPORTED_FORMATS):
         problems.append(f"format {fmt} is not allowed")
     limit = policy_spec.get("maxDigestsPerRequest", 500)
     if len(request_spec.get("digests") or []) > limit:

@@ -1,7 +1,10 @@
 """The shipped roles, bound per team namespace, keep teams in their own rooms; the components get only what they use."""
 from __future__ import annotations
 
+import base64
+
 import json
+import subprocess
 
 import pytest
 import yaml
@@ -162,12 +165,47 @@ def test_the_components_cannot_read_secrets(cluster, secrets_and_config_maps, id
     assert forbidden(kubectl(cluster, "get", "secrets", "-A", identity=identity))
 
 
-def test_the_operator_cannot_touch_config_maps(cluster, secrets_and_config_maps):
+def test_the_operator_cannot_read_or_change_config_maps_it_did_not_write(cluster, secrets_and_config_maps):
+    """RBAC lets it create and patch (to publish CRLs); admission refuses every ConfigMap that is not its CRL."""
     for namespace, name in [*secrets_and_config_maps, (SYSTEM, CHECKPOINT_NAME), (SYSTEM, NEW_CHAIN_NAME)]:
         assert forbidden(kubectl(cluster, "get", "configmap", name, "-n", namespace, identity="operator"))
         assert forbidden(kubectl(cluster, "get", "configmaps", "-n", namespace, identity="operator"))
-        for verb in ("create", "update", "patch", "delete"):
+        for verb in ("update", "delete"):
             assert not can_i(cluster, "operator", verb, f"configmaps/{name}", namespace)
+    for namespace, name in secrets_and_config_maps:  # server-side apply: one PATCH, no GET before it
+        patched = _server_side_apply(cluster, {"apiVersion": "v1", "kind": "ConfigMap",
+                                               "metadata": {"name": name, "namespace": namespace},
+                                               "data": {"index": "0"}})
+        assert patched.returncode != 0 and "ValidatingAdmissionPolicy" in patched.stderr, patched.stderr
+
+
+def _server_side_apply(cluster, document: dict) -> subprocess.CompletedProcess:
+    """What the operator's code does: a PATCH (apply) with no GET before it, answered with the object."""
+    return kubectl(cluster, "apply", "--server-side", "--force-conflicts", "--field-manager=keyroom-operator",
+                   "-o", "json", "-f", "-", identity="operator", input=yaml.safe_dump(document))
+
+
+def test_the_operator_cannot_read_a_secret_by_patching_it(cluster, secrets_and_config_maps):
+    """Patch answers with the object: admission must refuse it before the API server would answer with data."""
+    for namespace, name in secrets_and_config_maps:
+        for labels in ({"keyroom.dev/certificate": "x"}, {}):
+            patched = _server_side_apply(cluster, {"apiVersion": "v1", "kind": "Secret", "metadata": {
+                "name": name, "namespace": namespace, "labels": labels}})
+            assert patched.returncode != 0, patched.stdout
+            assert "hunter2" not in patched.stdout and base64.b64encode(b"hunter2").decode() not in patched.stdout
+
+
+def test_the_operator_writes_no_private_key_into_a_secret(cluster, unique):
+    name = unique("cert-secret")
+    document = {"apiVersion": "v1", "kind": "Secret", "type": "keyroom.dev/certificate",
+                "metadata": {"name": name, "namespace": "team-a", "labels": {"keyroom.dev/certificate": name}},
+                "data": {"tls.crt": "QQ==", "ca.crt": "QQ==", "tls.key": "QQ=="}}
+    refused = _server_side_apply(cluster, document)
+    assert refused.returncode != 0 and "never a private key" in refused.stderr, refused.stderr
+    del document["data"]["tls.key"]
+    accepted = _server_side_apply(cluster, document)
+    assert accepted.returncode == 0, accepted.stderr  # public material only is accepted
+    kubectl(cluster, "delete", "secret", name, "-n", "team-a")
 
 
 @pytest.mark.parametrize("kind", ["signingkeys", "signingpolicies", "certificates", "signrequests"])

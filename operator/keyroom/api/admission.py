@@ -21,19 +21,29 @@ compromised operator therefore cannot relax a policy to get a pending request
 signed (the signer re-reads the policies, and only admins write them), nor
 rotate keys until their old versions fall out of ``keepVersions``.
 
-A third lets the signer's identity create no ConfigMap but its own
+A third lets the operator's identity write only what it publishes: Secrets of
+type ``keyroom.dev/certificate`` holding ``tls.crt`` and ``ca.crt`` and CRL
+ConfigMaps, created by it or already its own. RBAC gives it create and patch
+on Secrets but no get; this policy makes a patch of any other Secret fail
+before the API server would answer with the Secret's data.
+
+A fourth lets the signer's identity create no ConfigMap but its own
 checkpoint: RBAC cannot limit ``create`` by name, and the administrator's
 new-chain instruction, which the signer only reads, must never be the
 signer's own.
 """
 from __future__ import annotations
 
-from keyroom.api.common import GROUP, ROTATE_ANNOTATION
+from keyroom.api.common import (
+    CERTIFICATE_LABEL, CERTIFICATE_SECRET_KEYS, CERTIFICATE_SECRET_TYPE, CRL_CONFIGMAP_KEYS, GROUP,
+    ISSUED_CERTIFICATE_ANNOTATION, ROTATE_ANNOTATION,
+)
 from keyroom.signer.audit import CHECKPOINT_NAME
 
 POLICY_NAME = "keyroom-signrequest-identity"
 OPERATOR_POLICY_NAME = "keyroom-operator-writes-no-spec"
 SIGNER_POLICY_NAME = "keyroom-signer-creates-only-its-checkpoint"
+PUBLISHING_POLICY_NAME = "keyroom-operator-publishes-only-public-certificates"
 KINDS = ["signingkeys", "certificates", "signingpolicies", "signrequests"]
 
 
@@ -130,6 +140,59 @@ def operator_admission_policy() -> dict:
                 _check(f"{_annotation('object', ROTATE_ANNOTATION)} == {_annotation('oldObject', ROTATE_ANNOTATION)}",
                        f"'the keyroom operator may not request a rotation ({ROTATE_ANNOTATION}): only platform "
                        "admins rotate keys'"),
+                _check(f"{_annotation('object', ISSUED_CERTIFICATE_ANNOTATION)} == "
+                       f"{_annotation('oldObject', ISSUED_CERTIFICATE_ANNOTATION)}",
+                       f"'the keyroom operator may not supply an external certificate "
+                       f"({ISSUED_CERTIFICATE_ANNOTATION}): platform admins do'"),
+            ],
+        },
+    }
+
+
+def _labelled(obj: str) -> str:
+    return f"has({obj}.metadata.labels) && '{CERTIFICATE_LABEL}' in {obj}.metadata.labels"
+
+
+def _only_keys(obj: str, field: str, allowed: tuple[str, ...]) -> str:
+    return f"!has({obj}.{field}) || {obj}.{field}.all(k, k in {list(allowed)!r})"
+
+
+def publishing_admission_policy() -> dict:
+    """The operator's ServiceAccount may write only its certificate Secrets and CRL ConfigMaps."""
+    secret = "request.resource.resource == 'secrets'"
+    config_map = "request.resource.resource == 'configmaps'"
+    return {
+        "apiVersion": "admissionregistration.k8s.io/v1",
+        "kind": "ValidatingAdmissionPolicy",
+        "metadata": {"name": PUBLISHING_POLICY_NAME, "labels": {"app.kubernetes.io/part-of": "keyroom"}},
+        "spec": {
+            "failurePolicy": "Fail",
+            "matchConstraints": {"resourceRules": [{
+                "apiGroups": [""], "apiVersions": ["v1"], "operations": ["CREATE", "UPDATE", "DELETE"],
+                "resources": ["secrets", "configmaps"],
+            }]},
+            "matchConditions": [{
+                "name": "the-keyroom-operator",
+                "expression": "request.userInfo.username.startsWith('system:serviceaccount:') && "
+                              "request.userInfo.username.endsWith(':keyroom-operator')",
+            }],
+            "validations": [
+                _check("request.operation != 'DELETE'", "'the keyroom operator deletes no Secret or ConfigMap'"),
+                _check(f"request.operation != 'UPDATE' || ({_labelled('oldObject')} && "
+                       f"(!({secret}) || oldObject.type == '{CERTIFICATE_SECRET_TYPE}'))",
+                       "'the keyroom operator may change only the certificate Secrets and CRL ConfigMaps it "
+                       "wrote, not ' + request.namespace + '/' + request.name"),
+                _check(f"request.operation == 'DELETE' || {_labelled('object')}",
+                       f"'what the keyroom operator writes carries the label {CERTIFICATE_LABEL}'"),
+                _check(f"!({secret}) || request.operation == 'DELETE' || (object.type == '{CERTIFICATE_SECRET_TYPE}' "
+                       f"&& ({_only_keys('object', 'data', CERTIFICATE_SECRET_KEYS)}) && "
+                       f"!has(object.stringData))",
+                       f"'a Secret the keyroom operator writes is of type {CERTIFICATE_SECRET_TYPE} and holds only "
+                       f"{' and '.join(CERTIFICATE_SECRET_KEYS)}: public certificates, never a private key'"),
+                _check(f"!({config_map}) || request.operation == 'DELETE' || (object.metadata.name.endsWith('-crl') "
+                       f"&& ({_only_keys('object', 'data', CRL_CONFIGMAP_KEYS)}) && !has(object.binaryData))",
+                       f"'a ConfigMap the keyroom operator writes is a CRL: <name>-crl holding only "
+                       f"{' and '.join(CRL_CONFIGMAP_KEYS)}'"),
             ],
         },
     }
@@ -173,4 +236,5 @@ def policies() -> list[dict]:
     """Both policies with their bindings, in apply order."""
     return [validating_admission_policy(), _binding(POLICY_NAME),
             operator_admission_policy(), _binding(OPERATOR_POLICY_NAME),
+            publishing_admission_policy(), _binding(PUBLISHING_POLICY_NAME),
             signer_admission_policy(), _binding(SIGNER_POLICY_NAME)]

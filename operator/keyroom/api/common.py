@@ -15,6 +15,13 @@ GROUP = "keyroom.dev"
 ROTATE_ANNOTATION = f"{GROUP}/rotate"
 #: where a platform admin supplies the certificate an external CA issued for a Certificate's CSR (PEM, chain after it)
 ISSUED_CERTIFICATE_ANNOTATION = f"{GROUP}/issued-certificate"
+#: the type of the Secrets the operator writes for Certificates (public material only: tls.crt and ca.crt)
+CERTIFICATE_SECRET_TYPE = f"{GROUP}/certificate"
+CERTIFICATE_SECRET_KEYS = ("tls.crt", "ca.crt")
+#: the label on those Secrets and on the CRL ConfigMaps: the Certificate they belong to
+CERTIFICATE_LABEL = f"{GROUP}/certificate"
+#: the keys of a CA's CRL ConfigMap <name>-crl
+CRL_CONFIGMAP_KEYS = ("ca.crl", "ca.crt")
 VERSION = "v1alpha1"
 API_VERSION = f"{GROUP}/{VERSION}"
 CATEGORY = "keyroom"

@@ -22,11 +22,16 @@ their code calls, nothing for later:
   their ``/status`` (it is the only writer of status); delete on SignRequests
   (removing finished requests after their TTL); create core ``events`` (Kopf
   posts core v1 Events only); get/list/watch on namespaces and
-  CustomResourceDefinitions (Kopf's cluster observation). It runs Kopf
-  standalone, so it needs no peering objects, and it has no right at all on
-  Secrets or ConfigMaps and no create/update of the kinds: spec is written by
-  people, and a stolen operator token reads no secret in any namespace. (Patch
-  on the kinds could also touch spec; the admission policy refuses that.)
+  CustomResourceDefinitions (Kopf's cluster observation); create and patch
+  (server-side apply) on Secrets and ConfigMaps, to publish a Certificate's
+  ``tls.crt``/``ca.crt`` and a CA's CRL. It can neither get, list nor watch
+  them, and an admission policy lets it write only Secrets of type
+  ``keyroom.dev/certificate`` and ConfigMaps labelled as a CRL, holding public
+  material only: a patch of any other Secret is refused before the API server
+  answers with its data, so a stolen operator token reads no secret in any
+  namespace. It runs Kopf standalone, so it needs no peering objects, and has
+  no create/update of the kinds: spec is written by people. (Patch on the
+  kinds could also touch spec; the admission policy refuses that.)
 - ``keyroom-signer`` (ClusterRole, bound cluster-wide): get/list/watch on the
   four kinds (it re-reads every request, key and policy itself, in whatever
   namespace it lives) and create TokenReviews (to authenticate its callers).
@@ -93,10 +98,12 @@ def cluster_roles() -> list[dict]:
             _keyroom([f"{kind}/status" for kind in KINDS], ["patch"]),
             _keyroom(["signrequests"], ["delete"]),
             {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},
+            # public certificates and CRLs only (admission policy); no get/list/watch: it reads no Secret
+            {"apiGroups": [""], "resources": ["secrets", "configmaps"], "verbs": ["create", "patch"]},
             {"apiGroups": [""], "resources": ["namespaces"], "verbs": READ},
             {"apiGroups": ["apiextensions.k8s.io"], "resources": ["customresourcedefinitions"], "verbs": READ},
         ], "The keyroom operator: watches the four kinds, patches their metadata and status, deletes finished "
-           "SignRequests, posts events. No Secrets, no ConfigMaps."),
+           "SignRequests, posts events, publishes certificates and CRLs (never reads a Secret)."),
         _role(SIGNER, [
             _keyroom(KINDS, READ),
             {"apiGroups": ["authentication.k8s.io"], "resources": ["tokenreviews"], "verbs": ["create"]},

@@ -11,7 +11,12 @@ from keyroom.api.schema import (
 )
 
 DIGEST_ALGORITHMS = ["SHA256", "SHA384", "SHA512"]
-FORMATS = ["raw", "cms"]
+#: raw: a signature over each digest; cms: a detached CMS SignedData; authenticode: the PKCS#7 of a PE file;
+#: jar: the signature block of a JAR's manifest; sigstore: a Sigstore bundle v0.3 with a public-key hint
+FORMATS = ["raw", "cms", "authenticode", "jar", "sigstore"]
+#: the formats that embed the key version's certificate
+CERTIFICATE_FORMATS = ["cms", "authenticode", "jar"]
+CERTIFICATE_PROFILES = ["CABForumCodeSigning"]
 MAX_DIGESTS_PER_REQUEST = 500
 CONDITION_TYPES = ["Ready", "Reconciling", "Stalled"]
 
@@ -66,12 +71,16 @@ SPEC = obj(
         "allowedDigestAlgorithms": string_list("Digest algorithms a request may use.", max_items=3,
                                                enum=DIGEST_ALGORITHMS, min_items=1,
                                                default=list(DIGEST_ALGORITHMS)),
-        "allowedFormats": string_list("Signature formats a request may ask for.", max_items=2,
+        "allowedFormats": string_list("Signature formats a request may ask for.", max_items=len(FORMATS),
                                       enum=FORMATS, min_items=1, default=list(FORMATS)),
         "maxDigestsPerRequest": integer("The most digests one request may carry.", minimum=1,
                                         maximum=MAX_DIGESTS_PER_REQUEST, default=MAX_DIGESTS_PER_REQUEST),
         "maxSignaturesPerHour": integer("The most signatures per hour across the selected keys.",
                                         minimum=1, maximum=10_000_000, default=1000),
+        "certificateProfile": string("A baseline the certificates of the selected keys must meet. "
+                                     "CABForumCodeSigning: RSA 3072+ or ECDSA P-256/P-384 keys and at most 460 days "
+                                     "of validity; a Certificate that does not meet it is not issued.",
+                                     enum=CERTIFICATE_PROFILES),
         "requestTTL": duration("How long a request may wait for approval before it expires.", default="24h"),
     },
     required=["requesters"],

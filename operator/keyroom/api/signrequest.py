@@ -8,7 +8,7 @@ the requester and every approval are who they claim to be.
 from __future__ import annotations
 
 from keyroom.api.common import Kind, age_column, object_reference, printer_column
-from keyroom.api.signingpolicy import DIGEST_ALGORITHMS, FORMATS, MAX_DIGESTS_PER_REQUEST
+from keyroom.api.signingpolicy import CERTIFICATE_FORMATS, DIGEST_ALGORITHMS, FORMATS, MAX_DIGESTS_PER_REQUEST
 from keyroom.api.schema import array, integer, obj, rule, string, string_list, timestamp
 
 PHASES = ["Pending", "Approved", "Signing", "Signed", "Denied", "Expired", "Failed"]
@@ -18,6 +18,10 @@ CONDITION_TYPES = ["Approved", "Denied", "Signed", "Ready", "Reconciling", "Stal
 MAX_APPROVALS = 32
 #: hex characters per digest, by algorithm
 DIGEST_HEX_LENGTH = {"SHA256": 64, "SHA384": 96, "SHA512": 128}
+#: the most digests of one request whose signatures embed a certificate chain (the status must stay small)
+MAX_CERTIFICATE_DIGESTS = 100
+#: the longest JAR manifest a request carries, base64
+MAX_MANIFEST_LENGTH = 1_048_576
 
 _groups = string_list("Groups, as the API server authenticated them.", max_items=64)
 
@@ -63,8 +67,16 @@ SPEC = obj(
             required=["username"],
         ),
         "reason": string("Why the signatures are needed, shown to approvers, e.g. 'release 1.4.2'.", max_length=1024),
-        "format": string("raw: a signature over each digest; cms: a detached CMS SignedData with the certificate.",
+        "format": string("raw: a signature over each digest; cms: a detached CMS SignedData with the certificate "
+                         "chain; authenticode: the PKCS#7 for a PE file's Authenticode digest; jar: the signature "
+                         "block for the JAR manifest in spec.manifest; sigstore: a Sigstore bundle v0.3.",
                          enum=FORMATS, default="raw"),
+        "certificateRef": object_reference("The Certificate whose certificate cms, authenticode and jar signatures "
+                                           "embed; by default the key version's valid certificate.",
+                                           what="Certificate"),
+        "manifest": string("format jar only: the JAR's META-INF/MANIFEST.MF, base64. The digest is the manifest's "
+                           "digest; the signer derives the signature file from it.",
+                           max_length=MAX_MANIFEST_LENGTH, pattern=r"^[A-Za-z0-9+/]*={0,2}$"),
         "digestAlgorithm": string("The algorithm the digests were computed with.", enum=DIGEST_ALGORITHMS,
                                   default="SHA256"),
         "digests": array("The digests to sign, at most 500.", _digest, min_items=1,
@@ -78,7 +90,14 @@ SPEC = obj(
         rule(f"self.digests.all(d, size(d.value) == ({_length_by_algorithm}))",
              "each digest must be the hex of a digest of digestAlgorithm "
              "(SHA256: 64, SHA384: 96, SHA512: 128 hex characters)", field_path=".digests"),
-        *(_unchanged(field) for field in ("keyRef", "requester", "reason", "format", "digestAlgorithm", "digests")),
+        rule("self.format == 'jar' ? (has(self.manifest) && size(self.digests) == 1) : !has(self.manifest)",
+             "format jar signs one JAR: exactly one digest (the manifest's) and spec.manifest; other formats carry "
+             "no manifest", field_path=".manifest"),
+        rule(f"!(self.format in {CERTIFICATE_FORMATS!r}) || size(self.digests) <= {MAX_CERTIFICATE_DIGESTS}",
+             f"cms, authenticode and jar requests carry at most {MAX_CERTIFICATE_DIGESTS} digests (each signature "
+             "embeds the certificate chain); split the files over several requests", field_path=".digests"),
+        *(_unchanged(field) for field in ("keyRef", "requester", "reason", "format", "digestAlgorithm", "digests",
+                                          "certificateRef", "manifest")),
         rule("!has(oldSelf.approvals) || (has(self.approvals) && size(self.approvals) >= size(oldSelf.approvals) && "
              "self.approvals.slice(0, size(oldSelf.approvals)) == oldSelf.approvals)",
              "approvals are append-only: existing entries cannot be removed or edited", field_path=".approvals"),
@@ -95,9 +114,10 @@ KIND = Kind(
         "phase": string("Pending, Approved, Signing, Signed, Denied, Expired or Failed. "
                         "Signed, Denied, Expired and Failed are final.", enum=PHASES),
         "keyVersion": integer("The key version that signed.", minimum=1),
-        "certificate": obj("The certificate a cms signature embeds.", {
+        "certificate": obj("The certificate the signatures embed (cms, authenticode, jar).", {
             "name": string("The Certificate's name.", max_length=253),
             "serialNumber": string("Its serial number, hex.", max_length=64),
+            "fingerprint": string("sha256 of the DER certificate, as sha256:<hex>.", max_length=80),
         }),
         "signatures": array("One signature per digest.", obj("A signature.", {
             "name": string("The digest's name.", max_length=253),

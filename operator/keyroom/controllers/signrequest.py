@@ -50,7 +50,8 @@ _MAX_BACKOFF = 60.0
 #: how long the signer may take before a request shows the Signing phase
 SIGNING_SHOWN_AFTER = 0.25
 #: signer refusals that mean "not yet" rather than "never": the views of operator and signer differed briefly
-_WAIT_REASONS = {"KeyOffline", "RateLimited", "KeyNotReady", "AwaitingApproval", "KeyNotFound", "NoPolicy"}
+_WAIT_REASONS = {"KeyOffline", "RateLimited", "KeyNotReady", "AwaitingApproval", "KeyNotFound", "NoPolicy",
+                 "NoCertificate"}
 
 
 def now() -> datetime.datetime:
@@ -395,6 +396,8 @@ class Reconciler:
                                          f"version {result['keyVersion']}")
         desired.update(keyVersion=result["keyVersion"], signatures=result["signatures"],
                        signedAt=result["signedAt"], audit=result["audit"])
+        if result.get("certificate"):
+            desired["certificate"] = result["certificate"]
         body = await self._write(body, status_patch(status, desired))
         kopf.info(body, reason="Signed", message=f"{desired['message']}; audit entry {result['audit']['index']}")
         key = next(iter(self.keys.get((namespace, spec["keyRef"]["name"]), [])), None)

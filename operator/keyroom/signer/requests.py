@@ -45,7 +45,7 @@ from cryptography.hazmat.primitives import serialization
 
 from keyroom import kubeclient, policy
 from keyroom.api.common import GROUP, VERSION
-from keyroom.signer import audit, hsm, keys
+from keyroom.signer import audit, certificates, formats, hsm, keys
 from keyroom.signer.client import digests_fingerprint
 
 logger = logging.getLogger("keyroom.signer")
@@ -162,6 +162,14 @@ def _strip_status(body: Mapping | None) -> dict | None:
     if body is None:
         return None
     return {"metadata": body.get("metadata") or {}, "spec": body.get("spec") or {}}
+
+
+def _public_key_der(record: keys.KeyRecord | None, version: int | None) -> bytes | None:
+    found = record.versions.get(version) if record is not None and version is not None else None
+    if found is None:
+        return None
+    return serialization.load_pem_public_key(found.public_key.encode()).public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
 def key_state(record: keys.KeyRecord | None) -> policy.KeyState:
@@ -456,6 +464,36 @@ class RequestSigner:
 
     # ------------------------------------------------------------ requests
 
+    async def _embedded_certificate(self, spec: Mapping, key_uid: str, version: int, at: datetime.datetime,
+                                    request_ref: dict) -> certificates.Usable | None:
+        """The certificate (and chain) a cms, authenticode or jar signature embeds, from the signer's records.
+
+        The namespace's Certificates are read now, so a revocation in spec counts before it was recorded;
+        an expired or revoked certificate, or one under a revoked CA, is never used.
+        """
+        if spec.get("format", "raw") not in formats.CERTIFICATE_FORMATS:
+            return None
+        try:
+            bodies = await self.reader.certificates(request_ref["namespace"])
+        except Exception as error:
+            raise Refused("ApiServerUnavailable", f"cannot read the Certificates: {type(error).__name__}",
+                          status=503) from None
+        specs = {b["metadata"]["uid"]: b.get("spec") or {} for b in bodies
+                 if not b["metadata"].get("deletionTimestamp")}
+        wanted = (spec.get("certificateRef") or {}).get("name")
+        found = certificates.usable_certificate(self.log.certificates, specs, key_uid=key_uid, version=version,
+                                                at=at, name=wanted)
+        if isinstance(found, str):
+            raise await self._refuse("NoCertificate", found, request_ref=request_ref, waiting=True)
+        return found
+
+    @staticmethod
+    def _manifest(spec: Mapping) -> bytes:
+        try:
+            return base64.b64decode(spec.get("manifest") or "", validate=True)
+        except ValueError:
+            raise Refused("ManifestMismatch", "spec.manifest is not base64", status=422) from None
+
     async def _append_signed(self, intent: dict, result: dict) -> dict:
         return await self._append(
             "Signed", request=intent["request"], key=intent["key"], intent=intent["index"],
@@ -573,22 +611,40 @@ class RequestSigner:
                                waiting=decision.phase == "Pending")
         key_info = {"name": key_meta["name"], "uid": key_meta["uid"], "version": decision.key_version,
                     "usage": key["spec"].get("usage", "Reusable")}
+        fmt = spec.get("format", "raw")
+        embedded = await self._embedded_certificate(spec, key_meta["uid"], decision.key_version, now, request_ref)
+        manifest = self._manifest(spec) if fmt == "jar" else None
+        if manifest is not None and formats.digest_hex(manifest, spec.get("digestAlgorithm", "SHA256")) != \
+                spec["digests"][0]["value"].lower():
+            raise await self._refuse("ManifestMismatch", "the digest is not the digest of spec.manifest",
+                                     request_ref=request_ref)
+        certificate_info = ({"name": embedded.record.name, "serialNumber": format(embedded.certificate.serial, "x"),
+                             "fingerprint": embedded.certificate.fingerprint} if embedded else None)
         intent = await self._append(
             "Intent", request=request_ref, requester=spec["requester"]["username"],
             approvers=[a["user"] for a in decision.approvals if a["counted"] and a["decision"] == "Approve"],
             policies=list(decision.policies), key=key_info, reason=spec.get("reason", ""),
-            digestAlgorithm=spec.get("digestAlgorithm", "SHA256"),
+            digestAlgorithm=spec.get("digestAlgorithm", "SHA256"), format=fmt, certificate=certificate_info,
             digests=[{"name": d["name"], "value": d["value"].lower()} for d in spec["digests"]])
         self._waiting.pop(uid, None)
         handle = hsm.KeyHandle(namespace=namespace, name=key_meta["name"], uid=key_meta["uid"],
                                version=decision.key_version)
         algorithm = spec.get("digestAlgorithm", "SHA256")
         values = [bytes.fromhex(d["value"]) for d in spec["digests"]]
+        public_key_der = _public_key_der(record, decision.key_version)
+        signing_time = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0)
         started = time.perf_counter()
         try:
             # One session signs the batch: SoftHSM2 serialises signing, so sessions in parallel only add overhead.
             signatures = await self._in_token("sign", lambda token: [
-                token.sign(handle, digest=value, digest_algorithm=algorithm) for value in values])
+                formats.build(fmt, digest=value, digest_algorithm=algorithm, embedded=embedded, manifest=manifest,
+                              public_key_der=public_key_der, signing_time=signing_time,
+                              sign=lambda d, a: token.sign(handle, digest=d, digest_algorithm=a))
+                for value in values])
+        except formats.FormatError as error:
+            await self._abandon(intent, f"the {fmt} signature could not be built: {error}")
+            raise await self._refuse("FormatError", f"the {fmt} signature could not be built: {error}",
+                                     request_ref=request_ref, status=422) from None
         except hsm.HSMError as error:
             # Nothing left the signer: record that at once, so a retry starts cleanly.
             await self._abandon(intent, f"the HSM failed: {error.reason}; no signature was returned")
@@ -600,6 +656,7 @@ class RequestSigner:
                                                      "admin rotates the key to generate a new version",
                                request_ref=request_ref, status=409) from None
         result = {"intent": intent["index"], "keyVersion": decision.key_version, "request": request_ref, "key": key_info,
+                  "format": fmt, **({"certificate": certificate_info} if certificate_info else {}),
                   "signedAt": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
                   "signatures": [{"name": d["name"], "value": base64.b64encode(s).decode()}
                                  for d, s in zip(spec["digests"], signatures)]}

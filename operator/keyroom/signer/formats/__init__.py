@@ -14,3 +14,50 @@ from __future__ import annotations
 
 class FormatError(ValueError):
     """Arguments that cannot make the signed structure, or a signature that does not verify."""
+
+
+#: the formats whose signatures embed the key version's certificate and chain
+CERTIFICATE_FORMATS = ("cms", "authenticode", "jar")
+_HASHES = {"SHA256": "sha256", "SHA384": "sha384", "SHA512": "sha512"}
+
+
+def digest_hex(data: bytes, digest_algorithm: str) -> str:
+    import hashlib
+    return hashlib.new(_HASHES[digest_algorithm], data).hexdigest()
+
+
+def build(fmt: str, *, digest: bytes, digest_algorithm: str, embedded, manifest: bytes | None,
+          public_key_der: bytes | None, signing_time, sign) -> bytes:
+    """The bytes a SignRequest's status carries for one digest in format ``fmt`` (base64-encoded there).
+
+    raw: the signature over the digest; cms, authenticode: DER ContentInfo; jar: the signature block (.EC or
+    .RSA) over the signature file derived from ``manifest``; sigstore: the bundle's JSON. ``embedded`` is the
+    certificate and chain the signer chose (:class:`keyroom.signer.certificates.Usable`) for the formats that
+    embed one.
+    """
+    import json
+
+    from keyroom.signer.formats import authenticode, cms, jar, sigstore
+
+    if fmt == "raw":
+        return sign(digest, digest_algorithm)
+    if fmt == "sigstore":
+        if public_key_der is None:
+            raise FormatError("the key version's public key is not known")
+        document = sigstore.bundle(digest=digest, digest_algorithm=digest_algorithm, public_key_der=public_key_der,
+                                   signature=sign(digest, digest_algorithm))
+        return json.dumps(document, indent=2, sort_keys=True).encode() + b"\n"
+    if embedded is None:
+        raise FormatError(f"format {fmt} needs a certificate")
+    chain = [c.der for c in embedded.chain] or list(embedded.certificate.external_chain)
+    common = {"digest_algorithm": digest_algorithm, "certificate_der": embedded.certificate.der, "chain_der": chain,
+              "signing_time": signing_time, "sign": sign}
+    if fmt == "cms":
+        return cms.detached(digest=digest, **common)
+    if fmt == "authenticode":
+        return authenticode.signature(digest=digest, **common)
+    if fmt == "jar":
+        if manifest is None:
+            raise FormatError("format jar needs the manifest")
+        return jar.block(manifest=manifest, **common)
+    raise FormatError(f"unknown format {fmt!r}")
