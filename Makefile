@@ -47,6 +47,20 @@ dev: venv binaries
 	$(KUBECTL) --kubeconfig $(STATE_DIR)/kubeconfig-alice apply -f examples/requests/
 	$(KUBECTL) --kubeconfig $(STATE_DIR)/kubeconfig-alice -n team-a wait --for=condition=Ready signingpolicy/release --timeout=60s
 	$(KUBECTL) --kubeconfig $(STATE_DIR)/kubeconfig-alice -n team-a wait --for=condition=Ready signrequest/nightly-2026-11-26 --timeout=60s
+	$(KUBECTL) --kubeconfig $(STATE_DIR)/kubeconfig-alice -n team-a wait --for=condition=Ready certificate/team-ca certificate/ci-key-cert certificate/release-key-cert --timeout=60s
+	@echo "== alice signs sample artifacts with ci-key in each format (its certificate comes from the team CA)"
+	$(PY) -m keyroom.devenv samples --out $(STATE_DIR)/samples
+	@set -e; export KUBECONFIG=$(CURDIR)/$(STATE_DIR)/kubeconfig-alice; cd $(STATE_DIR); \
+	for format in raw cms sigstore; do \
+	  $(CURDIR)/$(VENV)/bin/kubectl-keyroom sign samples/release-notes.txt -n team-a --key ci-key --format $$format --reason "make dev: $$format"; \
+	done; \
+	$(CURDIR)/$(VENV)/bin/kubectl-keyroom sign samples/app.exe -n team-a --key ci-key --format authenticode --out signed --reason "make dev: authenticode"; \
+	$(CURDIR)/$(VENV)/bin/kubectl-keyroom sign samples/app.jar -n team-a --key ci-key --format jar --out signed --reason "make dev: jar"; \
+	$(KUBECTL) -n team-a get kcert team-ca -o jsonpath='{.status.certificate}' > samples/team-ca.pem; \
+	openssl cms -verify -binary -inform DER -in samples/release-notes.txt.p7s -content samples/release-notes.txt -CAfile samples/team-ca.pem -purpose any -out /dev/null; \
+	if command -v osslsigncode >/dev/null; then osslsigncode verify -CAfile samples/team-ca.pem -in signed/app.exe | grep -E '^(Signature verification|Succeeded)'; fi; \
+	if command -v jarsigner >/dev/null; then keytool -importcert -noprompt -alias team-ca -file samples/team-ca.pem -keystore samples/trust.p12 -storetype PKCS12 -storepass changeit >/dev/null 2>&1; \
+	  jarsigner -verify -strict -keystore samples/trust.p12 -storetype PKCS12 -storepass changeit signed/app.jar | grep -E '^jar verified'; fi
 	$(KUBECTL) --kubeconfig $(STATE_DIR)/kubeconfig-alice -n team-a get keyroom
 	@echo
 	@echo "keyroom runs in $(STATE_DIR)/ (logs in $(STATE_DIR)/logs). Be alice, or bob the approver:"

@@ -13,12 +13,16 @@ import base64
 import datetime
 import hashlib
 import json
+import os
 import pathlib
 import sys
 import time
 from typing import Any, Iterable, Iterator
 
 import kubernetes
+
+from keyroom.cli import jar, pe
+from keyroom.signer.formats import jar as jar_format
 
 GROUP, VERSION, PLURAL = "keyroom.dev", "v1alpha1", "signrequests"
 ROTATE_ANNOTATION = f"{GROUP}/rotate"
@@ -40,11 +44,36 @@ def file_digest(path: pathlib.Path, algorithm: str = "SHA256") -> str:
     return digest.hexdigest()
 
 
+#: what each format writes: a signature file beside the input (suffix), or a signed copy of the input
+FORMAT_OUTPUTS = {"raw": ".sig", "cms": ".p7s", "sigstore": ".sigstore.json", "authenticode": None, "jar": None}
+
+
+def format_digest(path: pathlib.Path, fmt: str, algorithm: str) -> tuple[str, bytes | None]:
+    """(the digest the request carries for ``path`` in ``fmt``, the JAR manifest for jar)."""
+    try:
+        if fmt == "authenticode":
+            return pe.authenticode_digest(path.read_bytes(), algorithm).hex(), None
+        if fmt == "jar":
+            manifest = jar.manifest(path, algorithm)
+            return hashlib.new(algorithm.lower(), manifest).hexdigest(), manifest
+    except (pe.PEError, jar.JarError) as error:
+        raise CliError(f"{path}: {error}") from None
+    return file_digest(path, algorithm), None
+
+
 def sign_request_body(files: list[pathlib.Path], *, key: str, namespace: str, identity: dict, reason: str = "",
-                      algorithm: str = "SHA256", fmt: str = "raw", name: str | None = None) -> dict:
-    """The SignRequest for ``files``: one digest per file, named by its base name."""
+                      algorithm: str = "SHA256", fmt: str = "raw", name: str | None = None,
+                      certificate: str | None = None) -> dict:
+    """The SignRequest for ``files``: one digest per file, named by its base name.
+
+    authenticode digests are Authenticode digests of PE files; jar signs one
+    JAR, whose manifest the request carries (the signer derives what it signs
+    from it).
+    """
     if not files:
         raise CliError("name at least one file to sign")
+    if fmt == "jar" and len(files) != 1:
+        raise CliError("format jar signs one JAR per request: run kubectl keyroom sign once per JAR")
     if len(files) > MAX_FILES:
         raise CliError(f"at most {MAX_FILES} files fit in one SignRequest, not {len(files)}")
     names = [f.name for f in files]
@@ -56,8 +85,16 @@ def sign_request_body(files: list[pathlib.Path], *, key: str, namespace: str, id
         metadata["name"] = name
     else:
         metadata["generateName"] = f"{key}-"
+    digests, manifest = [], None
+    for path in files:
+        value, manifest = format_digest(path, fmt, algorithm)
+        digests.append({"name": path.name, "value": value})
     spec = {"keyRef": {"name": key}, "requester": identity, "format": fmt, "digestAlgorithm": algorithm,
-            "digests": [{"name": f.name, "value": file_digest(f, algorithm)} for f in files]}
+            "digests": digests}
+    if manifest is not None:
+        spec["manifest"] = base64.b64encode(manifest).decode()
+    if certificate:
+        spec["certificateRef"] = {"name": certificate}
     if reason:
         spec["reason"] = reason
     return {"apiVersion": f"{GROUP}/{VERSION}", "kind": "SignRequest", "metadata": metadata, "spec": spec}
@@ -71,9 +108,44 @@ def approval_patch(current: list | None, entry: dict) -> list[dict]:
             {"op": "add", "path": "/spec/approvals/-", "value": entry}]
 
 
-def signature_paths(files: list[pathlib.Path], out: pathlib.Path | None) -> dict[str, pathlib.Path]:
-    """Where each file's signature goes: FILE.sig beside it, or DIR/NAME.sig."""
-    return {f.name: (out / f"{f.name}.sig" if out else f.with_name(f"{f.name}.sig")) for f in files}
+def signature_paths(files: list[pathlib.Path], out: pathlib.Path | None, fmt: str = "raw",
+                    in_place: bool = False) -> dict[str, pathlib.Path]:
+    """Where each file's output goes: FILE.sig/.p7s/.sigstore.json beside it or in DIR; a signed PE or JAR
+    into DIR (or over the input with ``in_place``)."""
+    suffix = FORMAT_OUTPUTS[fmt]
+    if suffix is None:
+        if in_place:
+            return {f.name: f for f in files}
+        if out is None:
+            raise CliError(f"format {fmt} writes a signed copy of each file: give --out DIR (or --in-place to "
+                           "replace the input)")
+        paths = {f.name: out / f.name for f in files}
+        if any(path.resolve() == f.resolve() for f, path in zip(files, paths.values())):
+            raise CliError("--out names the input's own directory: the input is never overwritten unless --in-place")
+        return paths
+    return {f.name: (out / f"{f.name}{suffix}" if out else f.with_name(f"{f.name}{suffix}")) for f in files}
+
+
+def write_output(fmt: str, source: pathlib.Path, path: pathlib.Path, signature: bytes, *, algorithm: str,
+                 manifest: bytes | None = None, replace: bool = False) -> None:
+    """Write what the signer returned for ``source``: a signature file, or the signed PE or JAR."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        if fmt == "authenticode":
+            signed = pe.attach_signature(source.read_bytes(), signature, replace=replace)
+            temporary = path.with_name(f".{path.name}.keyroom-tmp")
+            temporary.write_bytes(signed)
+            os.replace(temporary, path)
+        elif fmt == "jar":
+            from asn1crypto import cms as asn1_cms
+            certificate = asn1_cms.ContentInfo.load(signature)["content"]["certificates"][0].chosen.dump()
+            jar.write_signed(source, path, manifest=manifest, block=signature, overwrite=path == source,
+                             signature_file=jar_format.signature_file(manifest, digest_algorithm=algorithm),
+                             block_name=jar_format.block_extension(certificate))
+        else:
+            path.write_bytes(signature)
+    except (pe.PEError, jar.JarError) as error:
+        raise CliError(f"{source}: {error}") from None
 
 
 def _age(timestamp: str | None) -> str:
@@ -207,8 +279,10 @@ def cmd_sign(cluster: Cluster, args: argparse.Namespace) -> int:
     for path in files:
         if not path.is_file():
             raise CliError(f"{path} is not a readable file")
+    paths = signature_paths(files, pathlib.Path(args.out) if args.out else None, args.format, args.in_place)
     body = sign_request_body(files, key=args.key, namespace=cluster.namespace, identity=cluster.whoami(),
-                             reason=args.reason, algorithm=args.digest, fmt=args.format, name=args.name)
+                             reason=args.reason, algorithm=args.digest, fmt=args.format, name=args.name,
+                             certificate=args.certificate)
     created = cluster.custom.create_namespaced_custom_object(GROUP, VERSION, cluster.namespace, PLURAL, body)
     name = created["metadata"]["name"]
     print(name)
@@ -225,11 +299,12 @@ def cmd_sign(cluster: Cluster, args: argparse.Namespace) -> int:
     if status["phase"] != "Signed":
         _note(f"{name}: {status['phase']}: {status.get('message', '')}")
         return 1
-    paths = signature_paths(files, pathlib.Path(args.out) if args.out else None)
+    manifest = base64.b64decode(body["spec"]["manifest"]) if body["spec"].get("manifest") else None
+    sources = {f.name: f for f in files}
     for signature in status["signatures"]:
         path = paths[signature["name"]]
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(base64.b64decode(signature["value"]))
+        write_output(args.format, sources[signature["name"]], path, base64.b64decode(signature["value"]),
+                     algorithm=args.digest, manifest=manifest, replace=args.in_place)
         print(path)
     return 0
 
@@ -346,7 +421,13 @@ def parser() -> argparse.ArgumentParser:
     sign.add_argument("--key", required=True, help="the SigningKey of the namespace")
     sign.add_argument("--reason", default="", help="shown to approvers, e.g. 'release 1.4.2'")
     sign.add_argument("--digest", default="SHA256", choices=["SHA256", "SHA384", "SHA512"])
-    sign.add_argument("--format", default="raw", choices=["raw", "cms"])
+    sign.add_argument("--format", default="raw", choices=list(FORMAT_OUTPUTS),
+                      help="raw: FILE.sig; cms: FILE.p7s (detached CMS with the certificate chain); authenticode: a "
+                           "signed copy of the PE file; jar: a signed copy of the JAR; sigstore: FILE.sigstore.json")
+    sign.add_argument("--certificate", help="the Certificate cms, authenticode and jar embed (default: the key "
+                                            "version's valid certificate)")
+    sign.add_argument("--in-place", action="store_true", help="authenticode, jar: replace the input (and an existing "
+                                                              "signature) with the signed file")
     sign.add_argument("--name", help="the SignRequest's name (default: generated from the key's)")
     sign.add_argument("--wait", action=argparse.BooleanOptionalAction, default=True,
                       help="wait for the outcome and write FILE.sig (default)")

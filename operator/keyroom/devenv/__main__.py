@@ -6,7 +6,7 @@ import pathlib
 import signal
 import sys
 
-from keyroom.devenv import binaries, controlplane
+from keyroom.devenv import binaries, controlplane, samples
 
 
 def _print_usage(environment: controlplane.Environment) -> None:
@@ -39,6 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     down = commands.add_parser("down", help="stop everything started in the state dir and remove it")
     down.add_argument("--state-dir", type=pathlib.Path, required=True)
     commands.add_parser("binaries", help="build (if needed) and print the control-plane binaries")
+    sample = commands.add_parser("samples", help="write sample artifacts (a text file, a PE, a JAR) to sign")
+    sample.add_argument("--out", type=pathlib.Path, required=True)
     args = parser.parse_args(argv)
 
     def log(message: str) -> None:
@@ -47,6 +49,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "binaries":
             return binaries.main()
+        if args.command == "samples":
+            for path in samples.write(args.out):
+                print(path)
+            return 0
         if args.command == "down":
             controlplane.down(args.state_dir, log=log)
             return 0
