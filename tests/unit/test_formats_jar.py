@@ -308,10 +308,14 @@ def test_the_output_is_never_overwritten_unless_asked(p256, tmp_path):
     with pytest.raises(cli_jar.JarError, match="exists; name another output or ask to overwrite it"):
         cli_jar.write_signed(source, out, **parts)
     assert out.read_bytes() == b"precious"
-    with pytest.raises(cli_jar.JarError, match="another path"):
-        cli_jar.write_signed(source, source, **parts, overwrite=True)
+    with pytest.raises(cli_jar.JarError, match="exists; name another output or ask to overwrite it"):
+        cli_jar.write_signed(source, source, **parts)
     cli_jar.write_signed(source, out, **parts, overwrite=True)
     assert p256.jarsigner(out).returncode == 0
+    # in place: the signed JAR replaces its source once it is complete
+    cli_jar.write_signed(source, source, **parts, overwrite=True)
+    verified = p256.jarsigner(source)
+    assert verified.returncode == 0, verified.stdout + verified.stderr
     assert sorted(path.name for path in tmp_path.iterdir()) == ["app.jar", "out.jar"]  # no partial file left
 
 

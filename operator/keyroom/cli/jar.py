@@ -136,7 +136,9 @@ def write_signed(jar_path, out_path, *, manifest: bytes, signature_file: bytes, 
     manifest must be the one :func:`manifest` wrote for this JAR: every
     entry's digest is checked, so a JAR that changed since is refused rather
     than written with a signature that fails. ``out_path`` is never
-    overwritten unless ``overwrite``.
+    overwritten unless ``overwrite``; with it, ``out_path`` may be
+    ``jar_path`` itself (signing in place): the signed JAR is written beside
+    it and moved over it only when complete.
     """
     if not _ALIAS.fullmatch(alias or ""):
         raise JarError(f"the alias {alias!r} must be 1 to 8 characters of A-Z, 0-9, '_' and '-'")
@@ -149,8 +151,6 @@ def write_signed(jar_path, out_path, *, manifest: bytes, signature_file: bytes, 
     if not isinstance(signature_file, bytes | bytearray) or not isinstance(block, bytes | bytearray) or not block:
         raise JarError("signature_file and block are the bytes of the .SF and of the block")
     out_path = pathlib.Path(out_path)
-    if pathlib.Path(jar_path).resolve() == out_path.resolve():
-        raise JarError(f"write the signed JAR to another path than {jar_path}")
     if out_path.exists() and not overwrite:
         raise JarError(f"{out_path} exists; name another output or ask to overwrite it")
 
