@@ -153,8 +153,9 @@ def test_invariants_of_any_approval_history(history, required, separation):
 
 
 def test_a_format_the_signer_does_not_produce_fails_clearly_instead_of_signing_raw():
-    decision = decide(request(format="cms"), policies=[pol(required=0)])
+    decision = decide(request(format="msix"), policies=[pol(required=0, allowedFormats=["msix"])])
     assert decision.phase == "Failed" and decision.reason == "FormatNotSupported" and "ask for raw" in decision.message
+    assert decide(request(format="cms"), policies=[pol(required=0)]).phase == "Approved"
 
 
 def test_the_decision_reads_what_it_is_given_of_the_key_never_its_status():
