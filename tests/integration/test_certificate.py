@@ -118,8 +118,8 @@ def test_a_ca_issues_a_leaf_and_revocation_reaches_its_crl(cluster, unique, tmp_
     status = wait_for(lambda: (s := _status(cluster, leaf)) and _condition(s, "Revoked").get("status") == "True" and s,
                       what="the leaf to be revoked")
     assert _condition(status, "Ready")["status"] == "False" and _condition(status, "Ready")["reason"] == "Revoked"
-    crl_map = wait_for(lambda: (m := _config_map(cluster, f"{ca}-crl")) and m["data"]["ca.crl"] != 
-                       (tmp_path / "crl.pem").read_text() and m, what="a new CRL")
+    crl_map = wait_for(lambda: (m := _config_map(cluster, f"{ca}-crl")) and m["data"]["ca.crl"]
+                       != (tmp_path / "crl.pem").read_text() and m, what="a new CRL")
     (tmp_path / "crl.pem").write_text(crl_map["data"]["ca.crl"])
     checked = _openssl(tmp_path, "verify", "-crl_check", "-CAfile", "ca.pem", "-CRLfile", "crl.pem", "leaf.pem")
     assert checked.returncode != 0 and "certificate revoked" in checked.stdout + checked.stderr
@@ -183,3 +183,16 @@ def test_a_revoked_certificate_is_never_embedded_in_a_new_signature(cluster, uni
                        and "no usable certificate" in s.get("message", "") and s, what="the request to wait")
     assert waiting["phase"] == "Pending" and "revoked" in waiting["message"]
     assert not waiting.get("signatures")
+
+
+def test_the_operator_cannot_supply_an_external_certificate(cluster, unique):
+    """A forged certificate from the operator's token would otherwise be checked only against the key and CSR."""
+    key = _key(cluster, unique)
+    name = unique("cert")
+    assert _certificate(cluster, name, key, issuerRef={"external": {}}).returncode == 0
+    supplied = kubectl(cluster, "annotate", "certificate", name, "-n", NAMESPACE,
+                       "keyroom.dev/issued-certificate=-----BEGIN CERTIFICATE-----", identity="operator")
+    assert supplied.returncode != 0 and "may not supply an external certificate" in supplied.stderr
+    by_admin = kubectl(cluster, "annotate", "certificate", name, "-n", NAMESPACE,
+                       "keyroom.dev/issued-certificate=-----BEGIN CERTIFICATE-----")
+    assert by_admin.returncode == 0, by_admin.stderr

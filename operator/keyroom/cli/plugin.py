@@ -22,6 +22,7 @@ from typing import Any, Iterable, Iterator
 import kubernetes
 
 from keyroom.cli import jar, pe
+from keyroom.signer.formats import FormatError
 from keyroom.signer.formats import jar as jar_format
 
 GROUP, VERSION, PLURAL = "keyroom.dev", "v1alpha1", "signrequests"
@@ -144,7 +145,7 @@ def write_output(fmt: str, source: pathlib.Path, path: pathlib.Path, signature: 
                              block_name=jar_format.block_extension(certificate))
         else:
             path.write_bytes(signature)
-    except (pe.PEError, jar.JarError) as error:
+    except (pe.PEError, jar.JarError, FormatError) as error:
         raise CliError(f"{source}: {error}") from None
 
 

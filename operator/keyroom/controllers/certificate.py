@@ -13,7 +13,9 @@ until the Certificate, its key or its CA changes.
 from __future__ import annotations
 
 import asyncio
+import base64
 import datetime
+import json
 from typing import Any, Mapping
 
 import kopf
@@ -21,6 +23,7 @@ import kubernetes
 
 from keyroom import conditions, kubeclient, schedule
 from keyroom.api.common import CERTIFICATE_LABEL, CERTIFICATE_SECRET_TYPE, GROUP, VERSION
+from keyroom.controllers import daemon, kube
 from keyroom.signer.client import SignerClient, SignerError
 
 _MAX_BACKOFF = 60.0
@@ -148,8 +151,6 @@ def events(status: Mapping, desired: Mapping) -> list[tuple[str, str, str]]:
 
 def secret_body(*, name: str, namespace: str, owner: Mapping, current: Mapping) -> dict:
     """The Secret of a Certificate: tls.crt (the certificate and the CAs below the root), ca.crt (the root)."""
-    import base64
-
     chain = current.get("chain") or ""
     root = current.get("root") or current["certificate"]
     intermediates = chain.replace(root, "") if chain else ""
@@ -207,8 +208,6 @@ async def publish(kind: str, body: dict) -> None:
 async def reconcile(*, body: Mapping, signer: SignerClient | None, at: datetime.datetime,
                     logger: Any) -> tuple[datetime.datetime | None, Mapping | None]:
     """One pass over one Certificate; returns (when the next pass is due by the clock, the signer's record)."""
-    from keyroom.controllers import kube
-
     meta, spec, status = body["metadata"], body["spec"], body.get("status") or {}
     record, error = None, None
     try:
@@ -244,7 +243,6 @@ async def reconcile(*, body: Mapping, signer: SignerClient | None, at: datetime.
 
 
 def _api_message(failure: kubernetes.client.ApiException) -> str:
-    import json
     try:
         return json.loads(failure.body).get("message", "")
     except (TypeError, ValueError):
@@ -267,15 +265,6 @@ def _wake(memo: kopf.Memo, namespace: str, *, key: str | None = None, ca: str | 
         if (name is not None and other == name) or (key is not None and spec["keyRef"]["name"] == key) or \
                 (ca is not None and ((spec.get("issuerRef") or {}).get("ca") or {}).get("name") == ca):
             event.set()
-
-
-async def _sleep(stopped: kopf.DaemonStopped, wakeup: asyncio.Event, seconds: float | None) -> None:
-    waiters = [asyncio.ensure_future(stopped.wait()), asyncio.ensure_future(wakeup.wait())]
-    try:
-        await asyncio.wait(waiters, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for waiter in waiters:
-            waiter.cancel()
 
 
 @kopf.daemon(GROUP, VERSION, "certificates", cancellation_timeout=30)
@@ -306,7 +295,7 @@ async def keep_certificate(body: kopf.Body, memo: kopf.Memo, stopped: kopf.Daemo
             except SignerError as error:
                 seconds = None if error.reason in _STALLING else backoff
                 backoff = min(backoff * 2, _MAX_BACKOFF)
-            await _sleep(stopped, wakeup, seconds)
+            await daemon.sleep(stopped, wakeup, seconds)
     finally:
         if registry.get(place, (None,))[0] is wakeup:
             registry.pop(place, None)

@@ -27,7 +27,7 @@ import kopf
 
 from keyroom import conditions, schedule
 from keyroom.api.common import GROUP, VERSION
-from keyroom.controllers import kube
+from keyroom.controllers import daemon, kube
 from keyroom.policy import current_version, key_availability
 from keyroom.signer.client import SignerClient, SignerError
 
@@ -201,15 +201,6 @@ async def reconcile(*, body: Mapping, signer: SignerClient | None, at: datetime.
     return next_wakeup(spec, record, at)
 
 
-async def _sleep(stopped: kopf.DaemonStopped, wakeup: asyncio.Event, seconds: float | None) -> None:
-    waiters = [asyncio.ensure_future(stopped.wait()), asyncio.ensure_future(wakeup.wait())]
-    try:
-        await asyncio.wait(waiters, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for waiter in waiters:
-            waiter.cancel()
-
-
 @kopf.daemon(GROUP, VERSION, "signingkeys", cancellation_timeout=30)
 async def keep_signing_key(body: kopf.Body, memo: kopf.Memo, stopped: kopf.DaemonStopped,
                            logger: Any, **_: Any) -> None:
@@ -224,7 +215,7 @@ async def keep_signing_key(body: kopf.Body, memo: kopf.Memo, stopped: kopf.Daemo
         except SignerError as error:
             seconds = None if error.reason in _STALLING else backoff
             backoff = min(backoff * 2, _MAX_BACKOFF)
-        await _sleep(stopped, wakeup, seconds)
+        await daemon.sleep(stopped, wakeup, seconds)
 
 
 @kopf.on.event(GROUP, VERSION, "signingkeys")

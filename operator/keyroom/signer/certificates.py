@@ -48,7 +48,6 @@ class Issued:
     not_after: datetime.datetime
     fingerprint: str
     spec_hash: str
-    index: int
     #: the CA Certificate (UID) and the serial of its certificate that signed this one; None: self-signed/external
     issuer_uid: str | None = None
     issuer_serial: int | None = None
@@ -109,7 +108,7 @@ def apply(records: dict[str, CertificateRecord], entry: Mapping) -> None:
         record.issued.append(Issued(
             serial=int(entry["serial"], 16), der=_b64(entry["der"]), key_version=entry["key"]["version"],
             not_before=_time(entry["notBefore"]), not_after=_time(entry["notAfter"]),
-            fingerprint=entry["fingerprint"], spec_hash=entry["specHash"], index=entry["index"],
+            fingerprint=entry["fingerprint"], spec_hash=entry["specHash"],
             issuer_uid=issuer.get("uid"), issuer_serial=int(issuer["serial"], 16) if issuer.get("serial") else None,
             external_chain=tuple(_b64(c) for c in entry.get("externalChain") or ())))
     elif event == "CertificateRequested":

@@ -99,9 +99,10 @@ class CertificateAuthority:
             raise Refused("CertificateNotFound", f"no Certificate {namespace}/{name} with UID {uid}", status=404)
         spec = body["spec"] if body is not None and not body["metadata"].get("deletionTimestamp") else None
         record = known or certificates.CertificateRecord(namespace, name, uid)
+        read = await self._read_related(namespace, spec, record) if spec is not None else {}
         waiting: certificates.Waiting | None = None
         for _ in range(_MAX_STEPS):
-            context = await self._context(namespace, spec, body, record)
+            context = self._context(spec, body, record, **read)
             step = context.pop("step")
             if isinstance(step, certificates.Waiting) or step is None:
                 waiting = step
@@ -110,14 +111,23 @@ class CertificateAuthority:
             record = self._log.certificates.get(uid, record)
         return self.mirror(record, spec, waiting)
 
-    async def _context(self, namespace: str, spec: Mapping | None, body: Mapping | None,
-                       record: certificates.CertificateRecord) -> dict[str, Any]:
-        """Everything next_action needs, read fresh: the key, the CA, the policies, a supplied certificate."""
+    async def _read_related(self, namespace: str, spec: Mapping, record: certificates.CertificateRecord) -> dict:
+        """What the Certificate's next steps depend on, read once per reconcile: its key, its CA, the policies."""
+        reader = self.signer.reader
+        key_body = await self._read("the SigningKey", reader.key(namespace, spec["keyRef"]["name"]))
+        ca_name = ((spec.get("issuerRef") or {}).get("ca") or {}).get("name")
+        ca_body = (await self._read("the CA Certificate", reader.certificate(namespace, ca_name))
+                   if ca_name and ca_name != record.name else None)
+        policies = await self._read("the SigningPolicies", reader.policies(namespace)) if key_body else []
+        return {"key_body": key_body, "ca_body": ca_body, "policies": policies}
+
+    def _context(self, spec: Mapping | None, body: Mapping | None, record: certificates.CertificateRecord, *,
+                 key_body: Mapping | None = None, ca_body: Mapping | None = None,
+                 policies: list[Mapping] = ()) -> dict[str, Any]:
+        """The next step from what was read and the signer's records now: the key, the CA, a supplied certificate."""
         at = _now()
         if spec is None:
             return {"step": None, "key": None, "issuer": None, "external": None, "ca_spec": None}
-        reader = self.signer.reader
-        key_body = await self._read("the SigningKey", reader.key(namespace, spec["keyRef"]["name"]))
         key = self._log.keys.get(key_body["metadata"]["uid"]) if key_body else None
         if record.key_uid and key_body is not None and key_body["metadata"]["uid"] != record.key_uid:
             return {"step": certificates.Waiting("KeyReplaced", f"SigningKey {spec['keyRef']['name']} was deleted and "
@@ -128,8 +138,6 @@ class CertificateAuthority:
         kind = certificates.issuer_kind(spec)
         if kind == "ca":
             ca_name = spec["issuerRef"]["ca"]["name"]
-            ca_body = (None if ca_name == record.name else
-                       await self._read("the CA Certificate", reader.certificate(namespace, ca_name)))
             ca_spec = (ca_body or {}).get("spec")
             ca_record = self._log.certificates.get(ca_body["metadata"]["uid"]) if ca_body else None
             ca_key = self._log.keys.get(ca_record.key_uid) if ca_record and ca_record.key_uid else None
@@ -140,7 +148,6 @@ class CertificateAuthority:
             external, problem = self._supplied(body, record, key)
         profile: list[str] = []
         if key_body is not None:
-            policies = await self._read("the SigningPolicies", reader.policies(namespace))
             selecting = [p.get("spec") or {} for p in policies
                          if policy.policy_selects(p.get("spec") or {}, key_name=key_body["metadata"]["name"],
                                                   key_labels=key_body["metadata"].get("labels"))]
@@ -182,7 +189,7 @@ class CertificateAuthority:
         return certificates.Issued(
             serial=int(described["serialNumber"], 16), der=der, key_version=record.csr["version"],
             not_before=certificates._time(described["notBefore"]), not_after=certificates._time(described["notAfter"]),
-            fingerprint=described["fingerprint"], spec_hash=record.csr["specHash"], index=-1,
+            fingerprint=described["fingerprint"], spec_hash=record.csr["specHash"],
             external_chain=tuple(supplied[1:])), None
 
     # ------------------------------------------------------------ the steps

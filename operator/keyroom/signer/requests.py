@@ -45,6 +45,7 @@ from cryptography.hazmat.primitives import serialization
 
 from keyroom import kubeclient, policy
 from keyroom.api.common import GROUP, VERSION
+from keyroom.api.signingpolicy import CERTIFICATE_FORMATS
 from keyroom.signer import audit, certificates, formats, hsm, keys
 from keyroom.signer.client import digests_fingerprint
 
@@ -471,7 +472,7 @@ class RequestSigner:
         The namespace's Certificates are read now, so a revocation in spec counts before it was recorded;
         an expired or revoked certificate, or one under a revoked CA, is never used.
         """
-        if spec.get("format", "raw") not in formats.CERTIFICATE_FORMATS:
+        if spec.get("format", "raw") not in CERTIFICATE_FORMATS:
             return None
         try:
             bodies = await self.reader.certificates(request_ref["namespace"])
@@ -614,8 +615,8 @@ class RequestSigner:
         fmt = spec.get("format", "raw")
         embedded = await self._embedded_certificate(spec, key_meta["uid"], decision.key_version, now, request_ref)
         manifest = self._manifest(spec) if fmt == "jar" else None
-        if manifest is not None and formats.digest_hex(manifest, spec.get("digestAlgorithm", "SHA256")) != \
-                spec["digests"][0]["value"].lower():
+        if manifest is not None and hashlib.new(spec.get("digestAlgorithm", "SHA256").lower(), manifest).hexdigest() \
+                != spec["digests"][0]["value"].lower():
             raise await self._refuse("ManifestMismatch", "the digest is not the digest of spec.manifest",
                                      request_ref=request_ref)
         certificate_info = ({"name": embedded.record.name, "serialNumber": format(embedded.certificate.serial, "x"),

@@ -11,19 +11,11 @@ modules are pure: no I/O, no clock (times are arguments), no token.
 """
 from __future__ import annotations
 
+import json
+
 
 class FormatError(ValueError):
     """Arguments that cannot make the signed structure, or a signature that does not verify."""
-
-
-#: the formats whose signatures embed the key version's certificate and chain
-CERTIFICATE_FORMATS = ("cms", "authenticode", "jar")
-_HASHES = {"SHA256": "sha256", "SHA384": "sha384", "SHA512": "sha512"}
-
-
-def digest_hex(data: bytes, digest_algorithm: str) -> str:
-    import hashlib
-    return hashlib.new(_HASHES[digest_algorithm], data).hexdigest()
 
 
 def build(fmt: str, *, digest: bytes, digest_algorithm: str, embedded, manifest: bytes | None,
@@ -35,8 +27,7 @@ def build(fmt: str, *, digest: bytes, digest_algorithm: str, embedded, manifest:
     certificate and chain the signer chose (:class:`keyroom.signer.certificates.Usable`) for the formats that
     embed one.
     """
-    import json
-
+    # imported here: each of them imports FormatError from this package
     from keyroom.signer.formats import authenticode, cms, jar, sigstore
 
     if fmt == "raw":
