@@ -11,14 +11,17 @@ bound, only one process away.
 from __future__ import annotations
 
 import base64
+import dataclasses
+import datetime
 import json
 import os
 import pathlib
 import subprocess
 import sys
+from typing import Callable
 
 import keyroom
-from keyroom.signer import softhsm
+from keyroom.signer import softhsm, x509
 
 
 # --------------------------------------------------------------------------- the token, in a child process
@@ -64,6 +67,7 @@ class TokenProcess:
                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE)
         self._call({"module": token.module_path, "label": token.token_label, "pin": pin})
         self.calls: list[tuple[str, bytes, str]] = []
+        self._keys: dict[str, tuple[str, bytes]] = {}
 
     def _call(self, request: dict) -> bytes:
         self._child.stdin.write(json.dumps(request) + "\n")
@@ -78,6 +82,14 @@ class TokenProcess:
 
     def generate(self, name: str, algorithm: str) -> bytes:
         return self._call({"op": "generate", "name": name, "algorithm": algorithm})
+
+    def key(self, name: str, algorithm: str) -> bytes:
+        """The public key DER of the key ``name``, generated on first use (RSA-3072 is slow in SoftHSM)."""
+        if name not in self._keys:
+            self._keys[name] = (algorithm, self.generate(name, algorithm))
+        known, public_key = self._keys[name]
+        assert known == algorithm, f"key {name} is {known}, not {algorithm}"
+        return public_key
 
     def signer(self, name: str):
         """The callback x509 gets: Token.sign(handle, digest=..., digest_algorithm=...) for the key ``name``."""
@@ -94,3 +106,42 @@ class TokenProcess:
         except subprocess.TimeoutExpired:
             self._child.kill()
             self._child.wait()
+
+
+@dataclasses.dataclass(frozen=True)
+class CodeSigningChain:
+    """A CA and a code-signing leaf under it, both keys in the token, and two CRLs of the CA."""
+
+    ca: bytes
+    leaf: bytes
+    #: the leaf key's signing callback
+    sign: Callable[[bytes, str], bytes]
+    #: a CRL that revokes nothing, and one that revokes the leaf (keyCompromise)
+    empty_crl: bytes
+    revoking_crl: bytes
+
+
+def code_signing_chain(token: TokenProcess, algorithm: str, *, now: datetime.datetime, ca_name: str, leaf_name: str,
+                       crl_distribution_point: str | None = None) -> CodeSigningChain:
+    """The CA (30 days) and leaf (7 days) of ``algorithm``, keys ``ca-<algorithm>`` and ``leaf-<algorithm>``."""
+    ca_key = token.key(f"ca-{algorithm.lower()}", algorithm)
+    leaf_key = token.key(f"leaf-{algorithm.lower()}", algorithm)
+    ca_sign = token.signer(f"ca-{algorithm.lower()}")
+    ca = x509.build_certificate(
+        subject={"commonName": ca_name}, subject_public_key_der=ca_key, issuer_certificate_der=None,
+        issuer_public_key_der=ca_key, not_before=now - datetime.timedelta(hours=1),
+        not_after=now + datetime.timedelta(days=30), serial=x509.new_serial(), is_ca=True, sign=ca_sign,
+        key_algorithm=algorithm)
+    serial = x509.new_serial()
+    leaf = x509.build_certificate(
+        subject={"commonName": leaf_name}, subject_public_key_der=leaf_key, issuer_certificate_der=ca,
+        issuer_public_key_der=ca_key, not_before=now - datetime.timedelta(minutes=5),
+        not_after=now + datetime.timedelta(days=7), serial=serial, crl_distribution_point=crl_distribution_point,
+        sign=ca_sign, key_algorithm=algorithm)
+    times = {"this_update": now - datetime.timedelta(minutes=1), "next_update": now + datetime.timedelta(days=1)}
+    empty_crl = x509.build_crl(issuer_certificate_der=ca, revoked=[], crl_number=1, sign=ca_sign,
+                               key_algorithm=algorithm, **times)
+    revoking_crl = x509.build_crl(issuer_certificate_der=ca, crl_number=2, sign=ca_sign, key_algorithm=algorithm,
+                                  revoked=[(serial, now - datetime.timedelta(minutes=2), "keyCompromise")], **times)
+    return CodeSigningChain(ca=ca, leaf=leaf, sign=token.signer(f"leaf-{algorithm.lower()}"), empty_crl=empty_crl,
+                            revoking_crl=revoking_crl)

@@ -16,10 +16,15 @@ import tempfile
 import pytest
 
 from keyroom.signer import hsm, softhsm
+from tests.token_process import TokenProcess
 
 TOKEN_LABEL = "keyroom-unit"
 PIN = "unit-user-pin-4b7e"
 SO_PIN = "unit-so-pin-c81d"
+#: the token of the format builders' tests, in a child process (see tests.token_process)
+FORMAT_TOKEN_LABEL = "keyroom-formats"
+FORMAT_PIN = "formats-user-pin-5c1e"
+FORMAT_SO_PIN = "formats-so-pin-93b0"
 
 
 def _fresh_token(module: str, directory: pathlib.Path) -> softhsm.SoftHSMToken:
@@ -63,3 +68,14 @@ def token():
                 pkcs11.unload(module)  # SoftHSM reads SOFTHSM2_CONF when initialised: leave it unloaded
     finally:
         shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def format_token(tmp_path_factory) -> TokenProcess:
+    """One SoftHSM2 token in a child process for the tests of every signature format: keys by name, made once."""
+    softhsm.find_module()  # SoftHSM2 is a requirement: fail with its install hint, never skip
+    made = softhsm.init_token(tmp_path_factory.mktemp("formats-softhsm"), label=FORMAT_TOKEN_LABEL, pin=FORMAT_PIN,
+                              so_pin=FORMAT_SO_PIN)
+    process = TokenProcess(made, pin=FORMAT_PIN)
+    yield process
+    process.close()

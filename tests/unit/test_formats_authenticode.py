@@ -20,13 +20,10 @@ import subprocess
 import pytest
 
 from keyroom.cli import pe
-from keyroom.signer import softhsm, x509
+from keyroom.signer import x509
 from keyroom.signer.formats import FormatError, authenticode
-from tests.token_process import TokenProcess
+from tests.token_process import TokenProcess, code_signing_chain
 
-TOKEN_LABEL = "keyroom-formats-authenticode"
-PIN = "authenticode-user-pin-47ad"
-SO_PIN = "authenticode-so-pin-e802"
 ALGORITHMS = ("ECDSA_P256", "ECDSA_P384", "RSA_3072")
 UTC = datetime.timezone.utc
 NOW = datetime.datetime.now(UTC).replace(microsecond=0)
@@ -57,42 +54,15 @@ def minimal_pe(*, pe32_plus: bool = True, overlay: bytes = b"") -> bytes:
     return headers + b"\0" * (0x200 - len(headers)) + text + overlay
 
 
-@pytest.fixture(scope="session")
-def authenticode_token(tmp_path_factory):
-    softhsm.find_module()  # SoftHSM2 is a requirement: fail with its install hint, never skip
-    made = softhsm.init_token(tmp_path_factory.mktemp("authenticode-softhsm"), label=TOKEN_LABEL, pin=PIN,
-                              so_pin=SO_PIN)
-    process = TokenProcess(made, pin=PIN)
-    yield process
-    process.close()
-
-
 class Chain:
     """A CA, a code-signing leaf under it, a CRL that revokes nothing and one that revokes the leaf."""
 
     def __init__(self, algorithm: str, directory: pathlib.Path, token: TokenProcess) -> None:
         self.algorithm, self.directory = algorithm, directory
-        ca_key = token.generate(f"ca-{algorithm.lower()}", algorithm)
-        leaf_key = token.generate(f"leaf-{algorithm.lower()}", algorithm)
-        ca_sign = token.signer(f"ca-{algorithm.lower()}")
-        self.sign = token.signer(f"leaf-{algorithm.lower()}")
-        self.ca = x509.build_certificate(
-            subject={"commonName": "Authenticode Test CA"}, subject_public_key_der=ca_key,
-            issuer_certificate_der=None, issuer_public_key_der=ca_key, not_before=NOW - datetime.timedelta(hours=1),
-            not_after=NOW + datetime.timedelta(days=30), serial=x509.new_serial(), is_ca=True, sign=ca_sign,
-            key_algorithm=algorithm)
-        serial = x509.new_serial()
-        self.leaf = x509.build_certificate(
-            subject={"commonName": "authenticode-release"}, subject_public_key_der=leaf_key,
-            issuer_certificate_der=self.ca, issuer_public_key_der=ca_key,
-            not_before=NOW - datetime.timedelta(minutes=5), not_after=NOW + datetime.timedelta(days=7),
-            serial=serial, sign=ca_sign, key_algorithm=algorithm)
-        times = {"this_update": NOW - datetime.timedelta(minutes=1), "next_update": NOW + datetime.timedelta(days=1)}
-        empty_crl = x509.build_crl(issuer_certificate_der=self.ca, revoked=[], crl_number=1, sign=ca_sign,
-                                   key_algorithm=algorithm, **times)
-        revoking_crl = x509.build_crl(issuer_certificate_der=self.ca, crl_number=2, sign=ca_sign,
-                                      key_algorithm=algorithm, **times,
-                                      revoked=[(serial, NOW - datetime.timedelta(minutes=2), "keyCompromise")])
+        made = code_signing_chain(token, algorithm, now=NOW, ca_name="Authenticode Test CA",
+                                  leaf_name="authenticode-release")
+        self.ca, self.leaf, self.sign = made.ca, made.leaf, made.sign
+        empty_crl, revoking_crl = made.empty_crl, made.revoking_crl
         (directory / "ca.pem").write_text(x509.to_pem(self.ca))
         (directory / "empty-crl.pem").write_text(x509.to_pem(empty_crl, "X509 CRL"))
         (directory / "crl.pem").write_text(x509.to_pem(revoking_crl, "X509 CRL"))
@@ -113,13 +83,13 @@ class Chain:
 
 
 @pytest.fixture(scope="session")
-def chains(tmp_path_factory, authenticode_token):
+def chains(tmp_path_factory, format_token):
     made: dict[str, Chain] = {}
 
     def chain(algorithm: str) -> Chain:
         if algorithm not in made:
             made[algorithm] = Chain(algorithm, tmp_path_factory.mktemp(f"authenticode-{algorithm.lower()}"),
-                                    authenticode_token)
+                                    format_token)
         return made[algorithm]
     return chain
 

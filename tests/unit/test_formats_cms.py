@@ -17,26 +17,14 @@ import subprocess
 
 import pytest
 
-from keyroom.signer import softhsm, x509
+from keyroom.signer import x509
 from keyroom.signer.formats import FormatError, cms
-from tests.token_process import TokenProcess
+from tests.token_process import TokenProcess, code_signing_chain
 
-TOKEN_LABEL = "keyroom-formats-cms"
-PIN = "cms-user-pin-5c1e"
-SO_PIN = "cms-so-pin-93b0"
 ALGORITHMS = ("ECDSA_P256", "ECDSA_P384", "RSA_3072")
 UTC = datetime.timezone.utc
 NOW = datetime.datetime.now(UTC).replace(microsecond=0)
 HASHES = {"SHA256": hashlib.sha256, "SHA384": hashlib.sha384, "SHA512": hashlib.sha512}
-
-
-@pytest.fixture(scope="session")
-def cms_token(tmp_path_factory):
-    softhsm.find_module()  # SoftHSM2 is a requirement: fail with its install hint, never skip
-    made = softhsm.init_token(tmp_path_factory.mktemp("cms-softhsm"), label=TOKEN_LABEL, pin=PIN, so_pin=SO_PIN)
-    process = TokenProcess(made, pin=PIN)
-    yield process
-    process.close()
 
 
 class Chain:
@@ -44,27 +32,10 @@ class Chain:
 
     def __init__(self, algorithm: str, directory: pathlib.Path, token: TokenProcess) -> None:
         self.algorithm, self.directory = algorithm, directory
-        ca_key = token.generate(f"ca-{algorithm.lower()}", algorithm)
-        leaf_key = token.generate(f"leaf-{algorithm.lower()}", algorithm)
-        ca_sign = token.signer(f"ca-{algorithm.lower()}")
-        self.sign = token.signer(f"leaf-{algorithm.lower()}")
-        self.ca = x509.build_certificate(
-            subject={"commonName": "Formats Test CA"}, subject_public_key_der=ca_key, issuer_certificate_der=None,
-            issuer_public_key_der=ca_key, not_before=NOW - datetime.timedelta(hours=1),
-            not_after=NOW + datetime.timedelta(days=30), serial=x509.new_serial(), is_ca=True, sign=ca_sign,
-            key_algorithm=algorithm)
-        serial = x509.new_serial()
-        self.leaf = x509.build_certificate(
-            subject={"commonName": "formats-release"}, subject_public_key_der=leaf_key, issuer_certificate_der=self.ca,
-            issuer_public_key_der=ca_key, not_before=NOW - datetime.timedelta(minutes=5),
-            not_after=NOW + datetime.timedelta(days=7), serial=serial,
-            crl_distribution_point="http://crl.keyroom.test/formats.crl", sign=ca_sign, key_algorithm=algorithm)
-        times = {"this_update": NOW - datetime.timedelta(minutes=1), "next_update": NOW + datetime.timedelta(days=1)}
-        empty_crl = x509.build_crl(issuer_certificate_der=self.ca, revoked=[], crl_number=1, sign=ca_sign,
-                                   key_algorithm=algorithm, **times)
-        revoking_crl = x509.build_crl(issuer_certificate_der=self.ca, crl_number=2, sign=ca_sign,
-                                      key_algorithm=algorithm, **times,
-                                      revoked=[(serial, NOW - datetime.timedelta(minutes=2), "keyCompromise")])
+        made = code_signing_chain(token, algorithm, now=NOW, ca_name="Formats Test CA", leaf_name="formats-release",
+                                  crl_distribution_point="http://crl.keyroom.test/formats.crl")
+        self.ca, self.leaf, self.sign = made.ca, made.leaf, made.sign
+        empty_crl, revoking_crl = made.empty_crl, made.revoking_crl
         ca_pem = x509.to_pem(self.ca)
         (directory / "ca.pem").write_text(ca_pem)
         (directory / "ca-empty-crl.pem").write_text(ca_pem + x509.to_pem(empty_crl, "X509 CRL"))
@@ -86,12 +57,12 @@ class Chain:
 
 
 @pytest.fixture(scope="session")
-def chains(tmp_path_factory, cms_token):
+def chains(tmp_path_factory, format_token):
     made: dict[str, Chain] = {}
 
     def chain(algorithm: str) -> Chain:
         if algorithm not in made:
-            made[algorithm] = Chain(algorithm, tmp_path_factory.mktemp(f"cms-{algorithm.lower()}"), cms_token)
+            made[algorithm] = Chain(algorithm, tmp_path_factory.mktemp(f"cms-{algorithm.lower()}"), format_token)
         return made[algorithm]
     return chain
 

@@ -24,14 +24,11 @@ import pytest
 from asn1crypto import cms as asn1_cms
 
 from keyroom.cli import jar as cli_jar
-from keyroom.signer import softhsm, x509
+from keyroom.signer import x509
 from keyroom.signer.formats import FormatError
 from keyroom.signer.formats import jar
 from tests.token_process import TokenProcess
 
-TOKEN_LABEL = "keyroom-formats-jar"
-PIN = "jar-user-pin-51c7"
-SO_PIN = "jar-so-pin-9e02"
 STORE_PASSWORD = "jar-truststore-3b8f"
 UTC = datetime.timezone.utc
 NOW = datetime.datetime.now(UTC).replace(microsecond=0)
@@ -54,15 +51,6 @@ ENTRIES = {
 # --------------------------------------------------------------------------- the token, the chains, the verifier
 
 
-@pytest.fixture(scope="session")
-def hsm_token(tmp_path_factory):
-    softhsm.find_module()  # SoftHSM2 is a requirement: fail with its install hint, never skip
-    made = softhsm.init_token(tmp_path_factory.mktemp("jar-softhsm"), label=TOKEN_LABEL, pin=PIN, so_pin=SO_PIN)
-    process = TokenProcess(made, pin=PIN)
-    yield process
-    process.close()
-
-
 def run(*args: str | pathlib.Path, cwd: pathlib.Path) -> subprocess.CompletedProcess:
     return subprocess.run([str(arg) for arg in args], cwd=cwd, capture_output=True, text=True, timeout=120)
 
@@ -70,13 +58,13 @@ def run(*args: str | pathlib.Path, cwd: pathlib.Path) -> subprocess.CompletedPro
 class Chain:
     """A CA and a code-signing leaf for one key algorithm, a truststore holding the CA, and one holding a stranger."""
 
-    def __init__(self, algorithm: str, directory: pathlib.Path, hsm_token: TokenProcess) -> None:
+    def __init__(self, algorithm: str, directory: pathlib.Path, format_token: TokenProcess) -> None:
         self.algorithm, self.directory = algorithm, directory
         self.digest_algorithm, self.jar_digest_name, self.signature_shown = ALGORITHMS[algorithm]
-        ca_key = hsm_token.generate(f"ca-{algorithm.lower()}", algorithm)
-        self.leaf_key = hsm_token.generate(f"leaf-{algorithm.lower()}", algorithm)
-        self.ca_sign = hsm_token.signer(f"ca-{algorithm.lower()}")
-        self.leaf_sign = hsm_token.signer(f"leaf-{algorithm.lower()}")
+        ca_key = format_token.key(f"ca-{algorithm.lower()}", algorithm)
+        self.leaf_key = format_token.key(f"leaf-{algorithm.lower()}", algorithm)
+        self.ca_sign = format_token.signer(f"ca-{algorithm.lower()}")
+        self.leaf_sign = format_token.signer(f"leaf-{algorithm.lower()}")
         self.ca = x509.build_certificate(
             subject={"commonName": f"Keyroom JAR Test CA {algorithm}", "organization": ["Keyroom Test"]},
             subject_public_key_der=ca_key, issuer_certificate_der=None, issuer_public_key_der=ca_key,
@@ -131,18 +119,18 @@ def chains() -> dict[str, Chain]:
 
 
 @pytest.fixture(params=list(ALGORITHMS))
-def chain(request, chains, tmp_path_factory, hsm_token) -> Chain:
+def chain(request, chains, tmp_path_factory, format_token) -> Chain:
     """The chain of one key algorithm, made (and its keys generated) once per session."""
     if request.param not in chains:
         chains[request.param] = Chain(request.param, tmp_path_factory.mktemp(f"jar-{request.param.lower()}"),
-                                      hsm_token)
+                                      format_token)
     return chains[request.param]
 
 
 @pytest.fixture
-def p256(chains, tmp_path_factory, hsm_token) -> Chain:
+def p256(chains, tmp_path_factory, format_token) -> Chain:
     if "ECDSA_P256" not in chains:
-        chains["ECDSA_P256"] = Chain("ECDSA_P256", tmp_path_factory.mktemp("jar-ecdsa_p256"), hsm_token)
+        chains["ECDSA_P256"] = Chain("ECDSA_P256", tmp_path_factory.mktemp("jar-ecdsa_p256"), format_token)
     return chains["ECDSA_P256"]
 
 
@@ -500,23 +488,23 @@ def test_block_extension(p256):
         jar.block_extension(b"\x30\x03\x02\x01\x01")
 
 
-def test_block_refuses_a_bad_manifest_before_anything_is_signed(p256, hsm_token):
-    hsm_token.calls.clear()
+def test_block_refuses_a_bad_manifest_before_anything_is_signed(p256, format_token):
+    format_token.calls.clear()
     with pytest.raises(FormatError, match="has no main section"):
         jar.block(manifest=b"Name: a\r\n\r\n", digest_algorithm="SHA256", certificate_der=p256.leaf,
                   chain_der=[p256.ca], signing_time=NOW, sign=p256.leaf_sign)
     with pytest.raises(FormatError, match="unknown digest algorithm"):
         jar.block(manifest=MANIFEST, digest_algorithm="MD5", certificate_der=p256.leaf,
                   chain_der=[p256.ca], signing_time=NOW, sign=p256.leaf_sign)
-    assert hsm_token.calls == []
+    assert format_token.calls == []
 
 
-def test_block_signs_the_digest_of_the_signature_file(p256, hsm_token):
-    hsm_token.calls.clear()
+def test_block_signs_the_digest_of_the_signature_file(p256, format_token):
+    format_token.calls.clear()
     der = jar.block(manifest=MANIFEST, digest_algorithm="SHA384", certificate_der=p256.leaf, chain_der=[p256.ca],
                     signing_time=NOW, sign=p256.leaf_sign)
     signer_info = asn1_cms.ContentInfo.load(der)["content"]["signer_infos"][0]
     attributes = {attribute["type"].native: attribute["values"][0].native for attribute in signer_info["signed_attrs"]}
     sf = jar.signature_file(MANIFEST, digest_algorithm="SHA384")
     assert attributes["message_digest"] == hashlib.sha384(sf).digest()
-    assert [call[2] for call in hsm_token.calls] == ["SHA384"]  # one signature, over the signed attributes
+    assert [call[2] for call in format_token.calls] == ["SHA384"]  # one signature, over the signed attributes

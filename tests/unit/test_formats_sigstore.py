@@ -22,14 +22,9 @@ import subprocess
 
 import pytest
 
-from keyroom.signer import softhsm
 from keyroom.signer.formats import FormatError
 from keyroom.signer.formats import sigstore
-from tests.token_process import TokenProcess
 
-TOKEN_LABEL = "keyroom-formats-sigstore"
-PIN = "sigstore-user-pin-7a41"
-SO_PIN = "sigstore-so-pin-c38d"
 VERIFIERS = pathlib.Path(__file__).resolve().parent.parent / "verifiers"
 INSTALL = "npm ci --prefix tests/verifiers --no-audit --no-fund"
 #: each key algorithm with a digest algorithm it signs with here
@@ -38,25 +33,9 @@ ARTIFACT = b"keyroom release 1.2.3\n" + bytes(range(256)) * 16
 
 
 @pytest.fixture(scope="session")
-def hsm_token(tmp_path_factory):
-    softhsm.find_module()  # SoftHSM2 is a requirement: fail with its install hint, never skip
-    made = softhsm.init_token(tmp_path_factory.mktemp("sigstore-softhsm"), label=TOKEN_LABEL, pin=PIN,
-                              so_pin=SO_PIN)
-    process = TokenProcess(made, pin=PIN)
-    yield process
-    process.close()
-
-
-@pytest.fixture(scope="session")
-def keys(hsm_token):
+def keys(format_token):
     """``key(algorithm)`` -> public key DER, generating each key once per session, when first needed."""
-    generated: dict[str, bytes] = {}
-
-    def key(algorithm: str) -> bytes:
-        if algorithm not in generated:
-            generated[algorithm] = hsm_token.generate(f"sigstore-{algorithm.lower()}", algorithm)
-        return generated[algorithm]
-    return key
+    return lambda algorithm: format_token.key(f"sigstore-{algorithm.lower()}", algorithm)
 
 
 @pytest.fixture(scope="session")
@@ -76,16 +55,16 @@ def verifier():
     return verify
 
 
-def sign(hsm_token, keys, algorithm: str, digest: bytes, digest_algorithm: str) -> bytes:
+def sign(format_token, keys, algorithm: str, digest: bytes, digest_algorithm: str) -> bytes:
     """``Token.sign`` of the key of ``algorithm`` (generated first if need be) over ``digest``."""
     keys(algorithm)
-    return hsm_token.signer(f"sigstore-{algorithm.lower()}")(digest, digest_algorithm)
+    return format_token.signer(f"sigstore-{algorithm.lower()}")(digest, digest_algorithm)
 
 
-def signed_bundle(hsm_token, keys, algorithm: str, artifact: bytes = ARTIFACT) -> dict:
+def signed_bundle(format_token, keys, algorithm: str, artifact: bytes = ARTIFACT) -> dict:
     digest_algorithm = ALGORITHMS[algorithm]
     digest = hashlib.new(digest_algorithm.lower(), artifact).digest()
-    signature = sign(hsm_token, keys, algorithm, digest, digest_algorithm)
+    signature = sign(format_token, keys, algorithm, digest, digest_algorithm)
     return sigstore.bundle(digest=digest, digest_algorithm=digest_algorithm, public_key_der=keys(algorithm),
                            signature=signature)
 
@@ -94,24 +73,24 @@ def signed_bundle(hsm_token, keys, algorithm: str, artifact: bytes = ARTIFACT) -
 
 
 @pytest.mark.parametrize("algorithm", list(ALGORITHMS))
-def test_bundle_verifies_with_sigstore_verify(hsm_token, keys, verifier, tmp_path, algorithm):
-    bundle = signed_bundle(hsm_token, keys, algorithm)
+def test_bundle_verifies_with_sigstore_verify(format_token, keys, verifier, tmp_path, algorithm):
+    bundle = signed_bundle(format_token, keys, algorithm)
     checked = verifier(tmp_path, bundle, ARTIFACT, keys(algorithm))
     assert checked.returncode == 0, checked.stderr
     assert checked.stdout.strip() == "verified"
 
 
 @pytest.mark.parametrize("algorithm", list(ALGORITHMS))
-def test_a_tampered_artifact_fails(hsm_token, keys, verifier, tmp_path, algorithm):
-    bundle = signed_bundle(hsm_token, keys, algorithm)
+def test_a_tampered_artifact_fails(format_token, keys, verifier, tmp_path, algorithm):
+    bundle = signed_bundle(format_token, keys, algorithm)
     tampered = ARTIFACT[:-1] + bytes([ARTIFACT[-1] ^ 1])
     checked = verifier(tmp_path, bundle, tampered, keys(algorithm))
     assert checked.returncode == 1
     assert "SIGNATURE_ERROR: signature verification failed" in checked.stderr
 
 
-def test_another_key_fails(hsm_token, keys, verifier, tmp_path):
-    bundle = signed_bundle(hsm_token, keys, "ECDSA_P256")
+def test_another_key_fails(format_token, keys, verifier, tmp_path):
+    bundle = signed_bundle(format_token, keys, "ECDSA_P256")
     other = keys("ECDSA_P384")
     # a verifier that trusts only another key does not know the bundle's key
     checked = verifier(tmp_path, bundle, ARTIFACT, other)
@@ -123,9 +102,9 @@ def test_another_key_fails(hsm_token, keys, verifier, tmp_path):
     assert "SIGNATURE_ERROR: signature verification failed" in checked.stderr
 
 
-def test_a_bundle_whose_digest_is_not_the_artifacts_fails(hsm_token, keys, verifier, tmp_path):
+def test_a_bundle_whose_digest_is_not_the_artifacts_fails(format_token, keys, verifier, tmp_path):
     # the verifier checks the recorded messageDigest too, so this test shows it would catch a wrong one
-    bundle = signed_bundle(hsm_token, keys, "ECDSA_P256")
+    bundle = signed_bundle(format_token, keys, "ECDSA_P256")
     bundle["messageSignature"]["messageDigest"]["digest"] = base64.b64encode(hashlib.sha256(b"other").digest()).decode()
     checked = verifier(tmp_path, bundle, ARTIFACT, keys("ECDSA_P256"))
     assert checked.returncode == 1
@@ -135,10 +114,10 @@ def test_a_bundle_whose_digest_is_not_the_artifacts_fails(hsm_token, keys, verif
 # --------------------------------------------------------------------------- the bundle's fields (pure)
 
 
-def test_bundle_fields(hsm_token, keys):
+def test_bundle_fields(format_token, keys):
     public_key = keys("ECDSA_P384")
     digest = hashlib.sha384(ARTIFACT).digest()
-    signature = sign(hsm_token, keys, "ECDSA_P384", digest, "SHA384")
+    signature = sign(format_token, keys, "ECDSA_P384", digest, "SHA384")
     bundle = sigstore.bundle(digest=digest, digest_algorithm="SHA384", public_key_der=public_key, signature=signature)
     assert bundle == {
         "mediaType": "application/vnd.dev.sigstore.bundle.v0.3+json",
@@ -153,18 +132,18 @@ def test_bundle_fields(hsm_token, keys):
 
 @pytest.mark.parametrize("digest_algorithm,name", [("SHA256", "SHA2_256"), ("SHA384", "SHA2_384"),
                                                    ("SHA512", "SHA2_512")])
-def test_hash_algorithm_names(hsm_token, keys, digest_algorithm, name):
+def test_hash_algorithm_names(format_token, keys, digest_algorithm, name):
     digest = hashlib.new(digest_algorithm.lower(), ARTIFACT).digest()
-    signature = sign(hsm_token, keys, "ECDSA_P256", digest, digest_algorithm)
+    signature = sign(format_token, keys, "ECDSA_P256", digest, digest_algorithm)
     bundle = sigstore.bundle(digest=digest, digest_algorithm=digest_algorithm, public_key_der=keys("ECDSA_P256"),
                              signature=signature)
     assert bundle["messageSignature"]["messageDigest"]["algorithm"] == name
 
 
-def test_refusals(hsm_token, keys):
+def test_refusals(format_token, keys):
     public_key = keys("ECDSA_P256")
     digest = hashlib.sha256(ARTIFACT).digest()
-    signature = sign(hsm_token, keys, "ECDSA_P256", digest, "SHA256")
+    signature = sign(format_token, keys, "ECDSA_P256", digest, "SHA256")
     good = {"digest": digest, "digest_algorithm": "SHA256", "public_key_der": public_key, "signature": signature}
     cases = [
         ({"digest_algorithm": "SHA1"}, "unknown digest algorithm 'SHA1'"),

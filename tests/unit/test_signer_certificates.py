@@ -9,7 +9,6 @@ without sleeping.
 """
 from __future__ import annotations
 
-import asyncio
 import datetime
 import pathlib
 import subprocess
@@ -21,8 +20,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from keyroom.api.common import GROUP, ISSUED_CERTIFICATE_ANNOTATION, ROTATE_ANNOTATION, VERSION
-from keyroom.signer import certificates, issuing, x509
-from tests.unit.test_signer_authority import NS, World, _meta, key_object, policy_object, run, uid_of  # noqa: F401
+from keyroom.signer import certificates, issuing
+from tests.unit.test_signer_authority import NS, World, _meta, policy_object, run, uid_of
 from tests.unit.test_signer_authority import world  # noqa: F401  (the fixture)
 
 UTC = datetime.timezone.utc
