@@ -259,7 +259,7 @@ def setup_certificates(memo: kopf.Memo, **_: Any) -> None:
 
 def _wake(memo: kopf.Memo, namespace: str, *, key: str | None = None, ca: str | None = None,
           name: str | None = None) -> None:
-    for (ns, other), (event, spec) in list(memo.get("certificates", {}).items()):
+    for (ns, other), (event, spec, _) in list(memo.get("certificates", {}).items()):
         if ns != namespace:
             continue
         if (name is not None and other == name) or (key is not None and spec["keyRef"]["name"] == key) or \
@@ -274,12 +274,12 @@ async def keep_certificate(body: kopf.Body, memo: kopf.Memo, stopped: kopf.Daemo
     place = (meta["namespace"], meta["name"])
     wakeup = asyncio.Event()
     registry = memo.setdefault("certificates", {})
-    registry[place] = (wakeup, body["spec"])
+    registry[place] = (wakeup, body["spec"], _seen(body))
     backoff = 1.0
     try:
         while not stopped:
             wakeup.clear()
-            registry[place] = (wakeup, body["spec"])
+            registry[place] = (wakeup, body["spec"], _seen(body))
             revision = (body.get("status") or {}).get("revision", 0)
             try:
                 due, record = await reconcile(body=body, signer=memo.get("signer"), at=now(), logger=logger)
@@ -301,8 +301,18 @@ async def keep_certificate(body: kopf.Body, memo: kopf.Memo, stopped: kopf.Daemo
             registry.pop(place, None)
 
 
+def _seen(body: Mapping) -> tuple:
+    """What of a Certificate the signer acts on, besides the clock: its spec (generation), annotations, deletion."""
+    meta = body["metadata"]
+    return meta.get("generation"), json.dumps(meta.get("annotations") or {}, sort_keys=True), \
+        meta.get("deletionTimestamp")
+
+
 @kopf.on.event(GROUP, VERSION, "certificates")
-async def certificate_changed(namespace: str, name: str, memo: kopf.Memo, **_: Any) -> None:
+async def certificate_changed(body: kopf.Body, namespace: str, name: str, memo: kopf.Memo, **_: Any) -> None:
+    known = memo.get("certificates", {}).get((namespace, name))
+    if known is not None and known[2] == _seen(body):
+        return  # a status write (the daemon's own): nothing the signer acts on changed
     _wake(memo, namespace, name=name, ca=name)
 
 
