@@ -4,10 +4,18 @@
 Python; a unit test fails when it drifts from the Python source of truth. It
 holds only cluster-scoped objects, so it applies before any namespace exists.
 
-The components' bindings and the signer's namespaced Role depend on the
-namespace they are installed in, so they are generated into the chart
-(``templates/rbac.yaml``, namespace ``{{ .Release.Namespace }}``) rather than
-into ``crds/``: there they follow the release, and Helm owns them.
+The Helm chart carries the same objects, generated into its templates so that
+``helm install`` sets up everything and ``helm upgrade`` upgrades it:
+
+- ``templates/crds.yaml``: the CRDs, with ``helm.sh/resource-policy: keep``
+  (uninstalling the chart never deletes the CRDs and with them every key,
+  certificate and request) and behind ``crds.install`` for clusters that
+  manage CRDs apart from releases;
+- ``templates/admission-policies.yaml`` and ``templates/clusterroles.yaml``:
+  the ValidatingAdmissionPolicies and the shipped ClusterRoles;
+- ``templates/rbac.yaml``: the components' bindings and the signer's
+  namespaced Role, which depend on the namespace they are installed in
+  (``{{ .Release.Namespace }}``).
 """
 from __future__ import annotations
 
@@ -34,9 +42,33 @@ def rendered() -> dict[str, str]:
     return files
 
 
+#: the annotation that keeps an object when its Helm release is uninstalled
+KEEP = {"helm.sh/resource-policy": "keep"}
+
+
 def rendered_chart() -> dict[str, str]:
     """Path inside the chart -> text of every generated chart template."""
-    return {"templates/rbac.yaml": _dump(rbac.component_bindings(RELEASE_NAMESPACE))}
+    crds = []
+    for crd in manifests.crds():
+        crd = {**crd, "metadata": {**crd["metadata"], "annotations": {**crd["metadata"].get("annotations", {}),
+                                                                      **KEEP}}}
+        crds.append(crd)
+    return {
+        "templates/crds.yaml": _template(crds, condition=".Values.crds.install"),
+        "templates/admission-policies.yaml": _template(admission.policies()),
+        "templates/clusterroles.yaml": _template(rbac.cluster_roles()),
+        "templates/rbac.yaml": _dump(rbac.component_bindings(RELEASE_NAMESPACE)),
+    }
+
+
+def _template(documents: list[dict], condition: str | None = None) -> str:
+    """Objects as a chart template: literal YAML (refused if it holds template syntax), optionally conditional."""
+    text = yaml.safe_dump_all(documents, sort_keys=False, width=120, allow_unicode=True, explicit_start=True)
+    if "{{" in text or "}}" in text:
+        raise ValueError("a generated manifest contains '{{' or '}}', which Helm would read as a template")
+    if condition is None:
+        return HEADER + text
+    return HEADER + f"{{{{- if {condition} }}}}\n" + text + "{{- end }}\n"
 
 
 def _dump(documents: list[dict]) -> str:
