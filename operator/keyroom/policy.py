@@ -1,4 +1,4 @@
-"""Pure decisions about signing: which policies govern a key, who may request, what approvals count.
+"""Pure decisions about signing: which policies govern a key, who may request, what approvals and builds count.
 
 No I/O here: the operator and the signer both call these functions with the
 objects they read, so both decide the same way, and the tests need no cluster.
@@ -76,15 +76,24 @@ def _service_account(username: str) -> tuple[str, str] | None:
     return None
 
 
+def _named(subjects: Mapping, identity: Identity, *, namespace: str) -> bool:
+    """Whether ``subjects`` (users, groups, serviceAccounts of ``namespace``) name this identity."""
+    if identity.username in (subjects.get("users") or []):
+        return True
+    if set(identity.groups) & set(subjects.get("groups") or []):
+        return True
+    account = _service_account(identity.username)
+    return account is not None and account[0] == namespace and account[1] in (subjects.get("serviceAccounts") or [])
+
+
 def requester_allowed(policy_spec: Mapping, requester: Identity, *, namespace: str) -> bool:
     """Whether the policy lets this identity request signatures (ServiceAccounts of the policy's namespace)."""
-    requesters = policy_spec.get("requesters") or {}
-    if requester.username in (requesters.get("users") or []):
-        return True
-    if set(requester.groups) & set(requesters.get("groups") or []):
-        return True
-    account = _service_account(requester.username)
-    return account is not None and account[0] == namespace and account[1] in (requesters.get("serviceAccounts") or [])
+    return _named(policy_spec.get("requesters") or {}, requester, namespace=namespace)
+
+
+def builder_eligible(policy_spec: Mapping, builder: Identity, *, namespace: str) -> bool:
+    """Whether the policy counts this identity's build attestations (ServiceAccounts of the policy's namespace)."""
+    return _named((policy_spec.get("matchingBuilds") or {}).get("builders") or {}, builder, namespace=namespace)
 
 
 def approver_eligible(policy_spec: Mapping, approver: Identity) -> bool:
@@ -140,6 +149,102 @@ def count_approvals(policy_spec: Mapping, *, requester: Identity, approvals: Ite
             approved.append(approver.username)
     return Tally(approved_by=tuple(approved), denied_by=tuple(denied), ignored=tuple(ignored),
                  required=int(policy_spec.get("requiredApprovals", 1)))
+
+
+# ---------------------------------------------------------------- matching builds
+
+@dataclasses.dataclass(frozen=True)
+class Mismatch:
+    """An eligible builder whose digests differ from the request's, at the first file that differs."""
+
+    builder: str
+    file: str
+    #: what differs there, for people: "its digest 1f2e... is not the request's 9f86..."
+    detail: str
+
+    @property
+    def message(self) -> str:
+        return f"{self.builder}'s build differs at {self.file}: {self.detail}"
+
+
+@dataclasses.dataclass(frozen=True)
+class BuildTally:
+    """The build attestations of one request as one policy's ``matchingBuilds`` counts them."""
+
+    #: distinct eligible builders whose digests equal the request's
+    matched_by: tuple[str, ...]
+    mismatched: tuple[Mismatch, ...]
+    #: (builder, why the attestation did not count)
+    ignored: tuple[tuple[str, str], ...]
+    required: int
+
+    @property
+    def blocked(self) -> bool:
+        return bool(self.mismatched)
+
+    @property
+    def matched(self) -> bool:
+        return not self.blocked and len(self.matched_by) >= self.required
+
+    @property
+    def missing(self) -> int:
+        return max(0, self.required - len(self.matched_by))
+
+
+def _short(value: str) -> str:
+    return value[:12] + "..." if len(value) > 12 else value
+
+
+def first_difference(expected: Iterable[Mapping], attested: Iterable[Mapping]) -> tuple[str, str] | None:
+    """(file, what differs) at the first file, in the request's order, where two digest lists differ; None if equal.
+
+    A file the builder did not attest, or attested with another digest, differs;
+    so does a file the builder attested that the request does not carry.
+    """
+    expected = list(expected)
+    theirs = {d["name"]: d["value"].lower() for d in attested}
+    for digest in expected:
+        value = digest["value"].lower()
+        if digest["name"] not in theirs:
+            return digest["name"], "the builder attested no digest for it"
+        if theirs[digest["name"]] != value:
+            return digest["name"], f"its digest {_short(theirs[digest['name']])} is not the request's {_short(value)}"
+    extra = sorted(set(theirs) - {d["name"] for d in expected})
+    if extra:
+        return extra[0], "the builder attested it, but the request does not carry it"
+    return None
+
+
+def count_builds(policy_spec: Mapping, *, digests: Iterable[Mapping], attestations: Iterable[Mapping],
+                 namespace: str) -> BuildTally | None:
+    """Distinct eligible builders whose digests equal the request's; None when the policy asks for no builds.
+
+    Only attestations count, never the request itself: the requester's own
+    build counts once, when the requester is a builder and attests it like
+    anyone else. A builder who attests twice counts once. One eligible
+    builder whose digests differ blocks the request, whatever the others
+    attest; an attestation by someone the policy does not name a builder is
+    ignored and reported, and blocks nothing.
+    """
+    wanted = policy_spec.get("matchingBuilds")
+    if not wanted:
+        return None
+    digests = list(digests)
+    matched: list[str] = []
+    mismatched: list[Mismatch] = []
+    ignored: list[tuple[str, str]] = []
+    for entry in attestations:
+        builder = Identity(entry["user"], tuple(entry.get("groups") or ()))
+        if not builder_eligible(policy_spec, builder, namespace=namespace):
+            ignored.append((builder.username, "not a builder in the policy"))
+            continue
+        difference = first_difference(digests, entry.get("digests") or [])
+        if difference is not None:
+            mismatched.append(Mismatch(builder.username, *difference))
+        elif builder.username not in matched:
+            matched.append(builder.username)
+    return BuildTally(matched_by=tuple(matched), mismatched=tuple(mismatched), ignored=tuple(ignored),
+                      required=int(wanted.get("required", 2)))
 
 
 def request_problems(policy_spec: Mapping, request_spec: Mapping, *, namespace: str) -> list[str]:
@@ -222,8 +327,9 @@ class Decision:
     """What a SignRequest's state should be now, by its key, its policies and the clock.
 
     ``phase`` is Pending, Approved (everything holds: sign now), Denied,
-    Expired or Failed. ``approved`` says whether the approvals satisfy every
-    policy, also while the request waits for its key (Pending, KeyOffline).
+    Expired or Failed. ``approved`` says whether the approvals and the
+    matching builds satisfy every policy, also while the request waits for its
+    key (Pending, KeyOffline).
     """
 
     phase: str
@@ -233,6 +339,12 @@ class Decision:
     summary: str = ""
     #: the approvals as counted: user, decision, counted, reason
     approvals: tuple[dict, ...] = ()
+    #: matching builds counted over required ones ("" when no policy asks for builds)
+    build_summary: str = ""
+    #: the build attestations as counted: user, counted, reason, build
+    builds: tuple[dict, ...] = ()
+    #: eligible builders whose digests differ from the request's (any one fails the request)
+    mismatches: tuple[Mismatch, ...] = ()
     expires_at: datetime.datetime | None = None
     #: when the clock alone may change the decision (a window opens, the request expires)
     wake_at: datetime.datetime | None = None
@@ -253,6 +365,20 @@ def _who(policy_spec: Mapping, requester: Identity) -> str:
              if not (policy_spec.get("separationOfDuties", True) and u == requester.username)]
     names = list(approvers.get("groups") or []) + users
     return " or ".join(names) if names else "nobody (the policy names no other approvers)"
+
+
+def _builders_who(policy_spec: Mapping, tally: BuildTally) -> str:
+    """Who can still attest a matching build: the policy's builders, without those already counted."""
+    builders = (policy_spec.get("matchingBuilds") or {}).get("builders") or {}
+    accounts = _service_account_names(tally.matched_by)
+    names = ([f"group {g}" for g in builders.get("groups") or []]
+             + [u for u in builders.get("users") or [] if u not in tally.matched_by]
+             + [f"serviceaccount {a}" for a in builders.get("serviceAccounts") or [] if a not in accounts])
+    return " or ".join(names) if names else "nobody (the policy names no other builders)"
+
+
+def _service_account_names(usernames: Iterable[str]) -> set[str]:
+    return {account[1] for account in map(_service_account, usernames) if account is not None}
 
 
 def _rate_wait(limit: int, wanted: int, recent: list[Signature], at: datetime.datetime) -> datetime.datetime | None:
@@ -302,9 +428,30 @@ def decide(request: Mapping, *, key: Mapping | None, key_state: KeyState | None,
     # the policy that still needs the most approvals speaks for the request
     strictest = max(tallies, key=lambda pt: (pt[1].missing, pt[1].required), default=None)
     summary = (f"{len(strictest[1].approved_by)}/{strictest[1].required}" if strictest else "")
-    approved = bool(tallies) and all(t.approved for _, t in tallies)
+
+    attestations = spec.get("attestations") or []
+    build_tallies = [(p, tally) for p in governing
+                     if (tally := count_builds(p["spec"], digests=spec["digests"], attestations=attestations,
+                                               namespace=namespace)) is not None]
+    builds: dict[str, dict] = {}
+    for entry in attestations:
+        reasons = ([why for _, tally in build_tallies for user, why in tally.ignored if user == entry["user"]]
+                   + [m.message for _, tally in build_tallies for m in tally.mismatched if m.builder == entry["user"]])
+        counted_by_any = any(entry["user"] in tally.matched_by for _, tally in build_tallies)
+        if not reasons and not counted_by_any:
+            reasons = ["no policy of the key asks for matching builds"]
+        builds[entry["user"]] = {"user": entry["user"], "counted": not reasons,
+                                 **({"reason": reasons[0]} if reasons else {}),
+                                 **({"build": entry["build"]} if entry.get("build") else {})}
+    strictest_builds = max(build_tallies, key=lambda pt: (pt[1].missing, pt[1].required), default=None)
+    build_summary = (f"{len(strictest_builds[1].matched_by)}/{strictest_builds[1].required}"
+                     if strictest_builds else "")
+    approvals_hold = bool(tallies) and all(t.approved for _, t in tallies)
+    builds_hold = all(t.matched for _, t in build_tallies)
+    approved = approvals_hold and builds_hold
     base = dict(approved=approved, summary=summary, approvals=tuple(counted.values()), expires_at=expires_at,
-                policies=names)
+                policies=names, build_summary=build_summary, builds=tuple(builds.values()),
+                mismatches=tuple(m for _, tally in build_tallies for m in tally.mismatched))
 
     def pending(reason: str, message: str, wake: datetime.datetime | None = None) -> Decision:
         return Decision("Pending", reason, message, wake_at=min(filter(None, [wake, expires_at])), **base)
@@ -312,6 +459,10 @@ def decide(request: Mapping, *, key: Mapping | None, key_state: KeyState | None,
     denials = sorted({user for _, tally in tallies for user in tally.denied_by})
     if denials:
         return Decision("Denied", "Denied", f"denied by {', '.join(denials)}", **base)
+    if base["mismatches"]:
+        first = base["mismatches"][0]
+        return Decision("Failed", "BuildMismatch", f"{first.message}; the builds do not agree, so nothing is signed: "
+                                                   "find out why, then request again", **base)
     if at >= expires_at:
         return Decision("Expired", "Expired", f"not signed within the request TTL; it expired at "
                                               f"{schedule.format_time(expires_at)}", **base)
@@ -336,10 +487,17 @@ def decide(request: Mapping, *, key: Mapping | None, key_state: KeyState | None,
     if state.destroyed:
         return Decision("Failed", "KeyDestroyed", f"every version of key {key_name} was destroyed", **base)
     if not approved:
-        missing = [(t.missing, p) for p, t in tallies if not t.approved]
-        need, policy_ = max(missing, key=lambda mp: mp[0])
-        return pending("AwaitingApproval", f"needs {need} more approval{'s' if need != 1 else ''} from "
-                                           f"{_who(policy_['spec'], requester)} (policy {policy_['metadata']['name']})")
+        waiting = []
+        if not approvals_hold:
+            need, policy_ = max(((t.missing, p) for p, t in tallies if not t.approved), key=lambda mp: mp[0])
+            waiting.append(f"needs {need} more approval{'s' if need != 1 else ''} from "
+                           f"{_who(policy_['spec'], requester)} (policy {policy_['metadata']['name']})")
+        if not builds_hold:
+            need, policy_, tally = max(((t.missing, p, t) for p, t in build_tallies if not t.matched),
+                                       key=lambda mpt: mpt[0])
+            waiting.append(f"needs {need} more matching build{'s' if need != 1 else ''} from "
+                           f"{_builders_who(policy_['spec'], tally)} (policy {policy_['metadata']['name']})")
+        return pending("AwaitingApproval" if not approvals_hold else "AwaitingBuilds", "; ".join(waiting))
     if state.current_version is None and state.missing_versions:
         return Decision("Failed", "KeyMaterialMissing",
                         f"key {key_name} version {state.missing_versions[-1]} is missing from the HSM (destroyed "
