@@ -3,13 +3,20 @@
 The API server, not the operator, checks who asked and who approved, from
 ``request.userInfo`` of the very request that writes the object:
 
-- at creation, ``spec.requester`` equals the creating user and no approval is present;
+- at creation, ``spec.requester`` equals the creating user and no approval
+  or build attestation is present;
 - on update, at most one approval is appended, by the updating user themself,
-  with the updating user's groups, and no existing entry is removed or edited.
+  with the updating user's groups, and no existing entry is removed or edited;
+- likewise at most one build attestation is appended, by the updating user
+  themself with their groups, once per user and request, and only by someone
+  RBAC grants the ``attest`` verb on the request (the ``keyroom-builder``
+  role): an approver's or the operator's ``patch`` alone attests nothing.
 
-So a requester can never forge, remove or self-count an approval, and no
-webhook must be up for anyone to work. The operator then decides whether the
-authentic approvals satisfy the policy.
+So a requester can never forge, remove or self-count an approval, a builder
+can never attest in another builder's name, change or remove another's
+attestation, or count twice, and no webhook must be up for anyone to work. The
+operator (and the signer) then decide whether the authentic approvals and
+attestations satisfy the policy.
 
 A second policy keeps the operator's own identity (a ServiceAccount named
 ``keyroom-operator``) away from every spec: it needs to write status,
@@ -45,6 +52,8 @@ OPERATOR_POLICY_NAME = "keyroom-operator-writes-no-spec"
 SIGNER_POLICY_NAME = "keyroom-signer-creates-only-its-checkpoint"
 PUBLISHING_POLICY_NAME = "keyroom-operator-publishes-only-public-certificates"
 KINDS = ["signingkeys", "certificates", "signingpolicies", "signrequests"]
+#: the RBAC verb on signrequests that appending a build attestation needs (granted by keyroom-builder only)
+ATTEST_VERB = "attest"
 
 
 def _same_set(a: str, b: str) -> str:
@@ -65,6 +74,7 @@ def validating_admission_policy() -> dict:
     created = "request.operation == 'CREATE'"
     updated = "request.operation == 'UPDATE'"
     appended = "variables.newApprovals[size(variables.newApprovals) - 1]"
+    attested = "variables.newAttestations[size(variables.newAttestations) - 1]"
     return {
         "apiVersion": "admissionregistration.k8s.io/v1",
         "kind": "ValidatingAdmissionPolicy",
@@ -86,6 +96,12 @@ def validating_admission_policy() -> dict:
                  "expression": "has(object.spec.requester.groups) ? object.spec.requester.groups : []"},
                 {"name": "appendedOne",
                  "expression": f"{updated} && size(variables.newApprovals) == size(variables.oldApprovals) + 1"},
+                {"name": "newAttestations",
+                 "expression": "has(object.spec.attestations) ? object.spec.attestations : []"},
+                {"name": "oldAttestations",
+                 "expression": f"{updated} && has(oldObject.spec.attestations) ? oldObject.spec.attestations : []"},
+                {"name": "attestedOne",
+                 "expression": f"{updated} && size(variables.newAttestations) == size(variables.oldAttestations) + 1"},
             ],
             "validations": [
                 _check(f"!({created}) || object.spec.requester.username == request.userInfo.username",
@@ -107,6 +123,28 @@ def validating_admission_policy() -> dict:
                        f"'\", not \"' + {appended}.user + '\"'"),
                 _check(f"!variables.appendedOne || ({_same_set(f'(has({appended}.groups) ? {appended}.groups : [])', 'variables.callerGroups')})",
                        "'an approval must carry exactly your groups [' + variables.callerGroups.join(', ') + ']'"),
+                _check(f"!({created}) || size(variables.newAttestations) == 0",
+                       "'a SignRequest cannot carry build attestations when it is created; builders add them "
+                       "afterwards with kubectl keyroom attest'"),
+                _check(f"!({updated}) || size(variables.newAttestations) <= size(variables.oldAttestations) + 1",
+                       "'append exactly one build attestation per update'"),
+                _check(f"!({updated}) || (size(variables.newAttestations) >= size(variables.oldAttestations) && "
+                       "variables.newAttestations.slice(0, size(variables.oldAttestations)) == "
+                       "variables.oldAttestations)",
+                       "'attestations are append-only: existing entries cannot be removed or edited'"),
+                _check(f"!variables.attestedOne || authorizer.group('{GROUP}').resource('signrequests')"
+                       f".namespace(request.namespace).name(request.name).check('{ATTEST_VERB}').allowed()",
+                       f"'only a builder may attest: ' + request.userInfo.username + ' may not \"{ATTEST_VERB}\" "
+                       f"signrequests in ' + request.namespace + ' (the keyroom-builder role grants it)'"),
+                _check(f"!variables.attestedOne || {attested}.user == request.userInfo.username",
+                       f"'an attestation must be your own: user must be \"' + request.userInfo.username + "
+                       f"'\", not \"' + {attested}.user + '\"'"),
+                _check(f"!variables.attestedOne || ({_same_set(f'(has({attested}.groups) ? {attested}.groups : [])', 'variables.callerGroups')})",
+                       "'an attestation must carry exactly your groups [' + variables.callerGroups.join(', ') + ']'"),
+                _check(f"!variables.attestedOne || !variables.oldAttestations.exists(a, a.user == "
+                       "request.userInfo.username)",
+                       "'you already attested this request: a builder attests once (' + request.userInfo.username "
+                       "+ ')'"),
             ],
         },
     }

@@ -7,6 +7,11 @@ role never reaches beyond the namespaces it is bound in:
 - ``keyroom-requester``: read, and create SignRequests.
 - ``keyroom-approver``: read, and patch SignRequests (the admission policy lets
   an update do nothing but append the caller's own approval).
+- ``keyroom-builder``: get, patch and ``attest`` SignRequests, nothing else:
+  for a CI pipeline that attests the digests its own build produced. ``attest``
+  is no verb the API server acts on; the admission policy asks RBAC for it
+  (an ``authorizer`` check) before it accepts an appended build attestation,
+  so only those bound to this role attest, and only in their own name.
 - ``keyroom-admin``: manage keys, certificates, policies and requests. Never
   status, which only the operator writes.
 
@@ -53,6 +58,7 @@ into the Helm chart's ``templates/rbac.yaml`` and the local control plane.
 """
 from __future__ import annotations
 
+from keyroom.api.admission import ATTEST_VERB
 from keyroom.api.common import GROUP
 from keyroom.signer.audit import CHECKPOINT_NAME, NEW_CHAIN_NAME
 
@@ -91,6 +97,8 @@ def cluster_roles() -> list[dict]:
               "Read keyroom objects and request signatures."),
         _role("keyroom-approver", [read_all, _keyroom(["signrequests"], ["patch", "update"])],
               "Read keyroom objects and append one's own approval or denial to SignRequests."),
+        _role("keyroom-builder", [_keyroom(["signrequests"], ["get", "patch", ATTEST_VERB])],
+              "Attest one's own build of a SignRequest's digests (kubectl keyroom attest), nothing else."),
         _role("keyroom-admin", [_keyroom(KINDS, [*READ, "create", "update", "patch", "delete", "deletecollection"])],
               "Manage SigningKeys, Certificates, SigningPolicies and SignRequests."),
         _role(OPERATOR, [

@@ -1,4 +1,4 @@
-"""SigningPolicy: who may sign with which keys, and what approval a signature needs.
+"""SigningPolicy: who may sign with which keys, and what approval and matching builds a signature needs.
 
 A key that no policy selects cannot sign (fail closed); where several policies
 select one key, a request must satisfy all of them.
@@ -18,6 +18,8 @@ FORMATS = ["raw", "cms", "authenticode", "jar", "sigstore"]
 CERTIFICATE_FORMATS = ["cms", "authenticode", "jar"]
 CERTIFICATE_PROFILES = ["CABForumCodeSigning"]
 MAX_DIGESTS_PER_REQUEST = 500
+#: independent builds a policy may ask to agree: at least two (one build agreeing with itself proves nothing)
+MIN_MATCHING_BUILDS, MAX_MATCHING_BUILDS = 2, 6
 CONDITION_TYPES = ["Ready", "Reconciling", "Stalled"]
 
 
@@ -64,6 +66,29 @@ SPEC = obj(
             "Who may approve or deny requests.",
             {"users": string_list("Usernames."), "groups": string_list("Groups; any member may approve.")},
         ),
+        "matchingBuilds": obj(
+            "Sign only what independent builds agree on: a request needs this many distinct builders whose "
+            "attested digests equal the request's (kubectl keyroom attest NAME FILE...). One builder whose digests "
+            "differ fails the request (BuildMismatch). Where requiredApprovals is set too, both are needed.",
+            {
+                "required": integer("Distinct eligible builders whose digests must match; a builder who attests "
+                                    "twice, the requester included, counts once.", minimum=MIN_MATCHING_BUILDS,
+                                    maximum=MAX_MATCHING_BUILDS, default=MIN_MATCHING_BUILDS),
+                "builders": obj(
+                    "Whose attestations count. Each attestation's identity is checked by the API server.",
+                    {
+                        "users": string_list("Usernames."),
+                        "groups": string_list("Groups; a member of any of them is a builder."),
+                        "serviceAccounts": string_list("ServiceAccounts of the policy's namespace, by name "
+                                                       "(e.g. one per CI system).",
+                                                       pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"),
+                    },
+                    rules=[rule(f"{_count('users')} + {_count('groups')} + {_count('serviceAccounts')} > 0",
+                                "matchingBuilds.builders must name at least one user, group or serviceAccount")],
+                ),
+            },
+            required=["builders"],
+        ),
         "requiredApprovals": integer("Approvals from distinct eligible approvers a request needs; 0 means no "
                                      "human approval.", minimum=0, maximum=10, default=1),
         "separationOfDuties": boolean("A requester never counts as an approver of their own request.",
@@ -108,6 +133,8 @@ KIND = Kind(
     printer_columns=[
         printer_column("Approvals", ".spec.requiredApprovals", type="integer",
                        description="Approvals a request needs"),
+        printer_column("Builds", ".spec.matchingBuilds.required", type="integer",
+                       description="Matching builds a request needs"),
         printer_column("Keys", ".status.matchedKeys", description="SigningKeys the policy selects"),
         ready_column(),
         age_column(),

@@ -1,9 +1,11 @@
 """SignRequest: a request to sign digests that the client computed locally.
 
 The artifact never travels, only its digests. The spec is immutable after
-creation except that approvers append their own entries to ``approvals``; the
-ValidatingAdmissionPolicy in ``admission.py`` makes the API server check that
-the requester and every approval are who they claim to be.
+creation except that approvers append their own entries to ``approvals`` and
+builders theirs to ``attestations`` (the digests their own, independent build
+of the same release produced); the ValidatingAdmissionPolicy in
+``admission.py`` makes the API server check that the requester, every approval
+and every attestation are who they claim to be.
 """
 from __future__ import annotations
 
@@ -16,6 +18,8 @@ TERMINAL_PHASES = ["Signed", "Denied", "Expired", "Failed"]
 DECISIONS = ["Approve", "Deny"]
 CONDITION_TYPES = ["Approved", "Denied", "Signed", "Ready", "Reconciling", "Stalled"]
 MAX_APPROVALS = 32
+#: build attestations one request may carry (a policy asks for at most 6 matching builds)
+MAX_ATTESTATIONS = 16
 #: hex characters per digest, by algorithm
 DIGEST_HEX_LENGTH = {"SHA256": 64, "SHA384": 96, "SHA512": 128}
 #: the most digests of one request whose signatures embed a certificate chain (the status must stay small)
@@ -46,6 +50,21 @@ _digest = obj(
     required=["name", "value"],
 )
 
+_attestation = obj(
+    "One builder's digests of the release, from a build of its own, appended by the builder themself "
+    "(kubectl keyroom attest NAME FILE...).",
+    {
+        "user": string("The builder's username; must be the user making the update.", min_length=1, max_length=253),
+        "groups": _groups,
+        "build": string("The build that computed the digests, e.g. the CI run's URL (shown in status and audited).",
+                        max_length=1024),
+        "digests": array("The digests this builder computed, with the request's names and digestAlgorithm.",
+                         _digest, min_items=1, max_items=MAX_DIGESTS_PER_REQUEST, list_type="map",
+                         map_keys=["name"]),
+    },
+    required=["user", "digests"],
+)
+
 _length_by_algorithm = " : ".join(
     f"self.digestAlgorithm == '{algorithm}' ? {length}" for algorithm, length in DIGEST_HEX_LENGTH.items()
 ) + " : 0"
@@ -53,7 +72,7 @@ _length_by_algorithm = " : ".join(
 
 def _unchanged(field: str) -> dict:
     return rule(f"has(self.{field}) == has(oldSelf.{field}) && (!has(self.{field}) || self.{field} == oldSelf.{field})",
-                f"spec.{field} cannot change after creation; only approvals may be appended",
+                f"spec.{field} cannot change after creation; only approvals and attestations may be appended",
                 field_path=f".{field}")
 
 
@@ -84,6 +103,10 @@ SPEC = obj(
         "approvals": array("Approvers' decisions, append-only; each entry is added by the approver themself "
                            "(kubectl keyroom approve NAME).", _approval, max_items=MAX_APPROVALS,
                            list_type="atomic"),
+        "attestations": array("Builders' attestations of the digests, append-only; each entry is added by the "
+                              "builder themself (kubectl keyroom attest NAME FILE...). Counted against the "
+                              "policies' matchingBuilds.", _attestation, max_items=MAX_ATTESTATIONS,
+                              list_type="atomic"),
     },
     required=["keyRef", "requester", "digests"],
     rules=[
@@ -101,6 +124,10 @@ SPEC = obj(
         rule("!has(oldSelf.approvals) || (has(self.approvals) && size(self.approvals) >= size(oldSelf.approvals) && "
              "self.approvals.slice(0, size(oldSelf.approvals)) == oldSelf.approvals)",
              "approvals are append-only: existing entries cannot be removed or edited", field_path=".approvals"),
+        rule(f"!has(self.attestations) || self.attestations.all(a, a.digests.all(d, size(d.value) == "
+             f"({_length_by_algorithm})))",
+             "each attested digest must be the hex of a digest of the request's digestAlgorithm "
+             "(SHA256: 64, SHA384: 96, SHA512: 128 hex characters)", field_path=".attestations"),
     ],
 )
 
@@ -138,6 +165,16 @@ KIND = Kind(
             "observedAt": timestamp("When the operator saw it."),
         }, required=["user", "decision"]), max_items=MAX_APPROVALS),
         "approvalSummary": string("Counted approvals over required ones, e.g. 1/2.", max_length=16),
+        "builds": array("The build attestations as the operator counted them.", obj("A counted attestation.", {
+            "user": string("The builder.", max_length=253),
+            "counted": {"type": "boolean", "description": "Whether the build counted as matching."},
+            "reason": string("Why it did not count, when it did not: not a builder, or the first file whose "
+                             "digest differs.", max_length=1024),
+            "build": string("The build, as its attestation names it.", max_length=1024),
+            "observedAt": timestamp("When the operator saw it."),
+        }, required=["user"]), max_items=MAX_ATTESTATIONS),
+        "buildSummary": string("Matching builds over required ones, e.g. 1/2 (absent when no policy asks for "
+                               "builds).", max_length=16),
         "message": string("What happens next, for people.", max_length=4096),
     },
     condition_types=CONDITION_TYPES,
@@ -145,6 +182,7 @@ KIND = Kind(
         printer_column("Key", ".spec.keyRef.name"),
         printer_column("Requester", ".spec.requester.username"),
         printer_column("Approvals", ".status.approvalSummary"),
+        printer_column("Builds", ".status.buildSummary"),
         printer_column("Phase", ".status.phase"),
         printer_column("Digests", ".spec.digestAlgorithm", priority=1),
         age_column(),
