@@ -555,6 +555,50 @@ def test_status_is_never_read(world):
     run(scenario())
 
 
+CI = {name: f"system:serviceaccount:{NS}:{name}" for name in ("ci-a", "ci-b")}
+CI_GROUPS = ["system:serviceaccounts", f"system:serviceaccounts:{NS}", "system:authenticated"]
+
+
+def attested(request: dict, *builders: str, differ_at: str | None = None) -> dict:
+    """The request with each builder's attestation appended (``differ_at``: that file's digest differs)."""
+    body = copy.deepcopy(request)
+    for builder in builders:
+        digests = [dict(d, value="0" * 64) if d["name"] == differ_at else dict(d) for d in request["spec"]["digests"]]
+        body["spec"].setdefault("attestations", []).append(
+            {"user": CI[builder], "groups": CI_GROUPS, "build": f"run of {builder}", "digests": digests})
+    return body
+
+
+def test_the_signer_counts_matching_builds_itself_and_audits_the_builders(world):
+    """Status claiming the builds matched changes nothing; a differing build fails the request; the log names both."""
+    async def scenario():
+        signer = await world.signer()
+        world.cluster.put("signingpolicies", policy_object(required=0, matchingBuilds={
+            "required": 2, "builders": {"serviceAccounts": ["ci-a", "ci-b"]}}))
+        key_body, _ = await world.key(signer)
+        forged = {**FORGED_REQUEST_STATUS, "buildSummary": "2/2",
+                  "builds": [{"user": CI["ci-a"], "counted": True}, {"user": CI["ci-b"], "counted": True}]}
+        one = world.cluster.put("signrequests", attested(request_object(status=forged), "ci-a", "ci-a"))
+        refusal = await world.refused(world.sign(signer, one))
+        assert refusal.reason == "AwaitingBuilds" and "needs 1 more matching build from serviceaccount ci-b" in str(
+            refusal)
+
+        agreed = attested(request_object(artifacts=("app.exe", "lib.dll"), status=forged), "ci-a")
+        differs = world.cluster.put("signrequests", attested(agreed, "ci-b", differ_at="lib.dll"))
+        refusal = await world.refused(world.sign(signer, differs))
+        assert refusal.reason == "BuildMismatch" and refusal.entry is not None
+        assert str(refusal).startswith(f"{CI['ci-b']}'s build differs at lib.dll")
+        assert "sign" not in world.operations
+
+        both = world.cluster.put("signrequests", attested(request_object(), "ci-a", "ci-b"))
+        answer = await world.sign(signer, both)
+        verify(public_key(signer.log.keys[uid_of(key_body)], 1), both, answer)
+        intent = world.entries()[-2]
+        assert intent["event"] == "Intent" and intent["builders"] == [
+            {"user": CI["ci-a"], "build": "run of ci-a"}, {"user": CI["ci-b"], "build": "run of ci-b"}]
+    run(scenario())
+
+
 def test_a_key_recreated_under_the_same_name_is_another_key(world):
     async def scenario():
         signer = await world.signer()

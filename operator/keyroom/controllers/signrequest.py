@@ -1,11 +1,12 @@
 """The SignRequest reconciler: from a request to its signatures, once the policies are satisfied.
 
 A request's state follows from its spec (the digests, the authentic
-approvals), its SigningKey, the namespace's SigningPolicies and the clock;
+approvals and build attestations), its SigningKey, the namespace's SigningPolicies and the clock;
 ``keyroom.policy.decide`` computes it and this module acts on it:
 
-- Pending while it waits (AwaitingApproval, KeyOffline, RateLimited,
-  KeyNotReady, KeyNotFound, NoPolicy), with a message that says what comes next;
+- Pending while it waits (AwaitingApproval, AwaitingBuilds, KeyOffline,
+  RateLimited, KeyNotReady, KeyNotFound, NoPolicy), with a message that says
+  what comes next;
 - Signing while the signer works; the signer re-checks everything itself and
   signs each request at most once, so a retry after any crash is safe;
 - Signed, Denied, Expired or Failed, which are final: a final request is never
@@ -50,8 +51,8 @@ _MAX_BACKOFF = 60.0
 #: how long the signer may take before a request shows the Signing phase
 SIGNING_SHOWN_AFTER = 0.25
 #: signer refusals that mean "not yet" rather than "never": the views of operator and signer differed briefly
-_WAIT_REASONS = {"KeyOffline", "RateLimited", "KeyNotReady", "AwaitingApproval", "KeyNotFound", "NoPolicy",
-                 "NoCertificate"}
+_WAIT_REASONS = {"KeyOffline", "RateLimited", "KeyNotReady", "AwaitingApproval", "AwaitingBuilds", "KeyNotFound",
+                 "NoPolicy", "NoCertificate"}
 
 
 def now() -> datetime.datetime:
@@ -78,17 +79,23 @@ def desired_status(*, decision: policy.Decision, phase: str, status: Mapping, ge
     reason, message = reason or decision.reason, message or decision.message
     stamp = schedule.format_time(at)
     seen = {a["user"]: a.get("observedAt") for a in status.get("approvals") or []}
+    seen_builds = {b["user"]: b.get("observedAt") for b in status.get("builds") or []}
     approved, denied, signed, ready, reconciling, stalled = _CONDITIONS_BY_PHASE[phase]
     approved = decision.approved if approved is None else approved
     approved_reason = "Approved" if approved else ("Denied" if phase == "Denied" else reason)
     approvers = [a["user"] for a in decision.approvals if a["counted"] and a["decision"] == "Approve"]
     approved_message = (f"approved by {', '.join(approvers)}" if approvers else "approved: no approval required")
+    builders = [b["user"] for b in decision.builds if b["counted"]]
+    if builders and decision.build_summary:
+        approved_message += f"; builds of {', '.join(builders)} match"
     result: dict[str, Any] = {
         "observedGeneration": generation,
         "phase": phase,
         "message": message,
         "approvalSummary": decision.summary or None,
         "approvals": [{**a, "observedAt": seen.get(a["user"]) or stamp} for a in decision.approvals] or None,
+        "buildSummary": decision.build_summary or None,
+        "builds": [{**b, "observedAt": seen_builds.get(b["user"]) or stamp} for b in decision.builds] or None,
         "expiresAt": schedule.format_time(decision.expires_at) if decision.expires_at else None,
         "conditions": conditions.merge(status.get("conditions"), [
             conditions.condition("Approved", approved, approved_reason, approved_message if approved else message,
@@ -338,6 +345,14 @@ class Reconciler:
                               message=f"{entry['user']}: {entry['decision']} counts ({decision.summary})")
                 else:
                     kopf.warn(body, reason="ApprovalIgnored", message=f"{entry['user']}: {entry['reason']}")
+        seen_builds = {b["user"] for b in status.get("builds") or []}
+        for entry in decision.builds:
+            if entry["user"] not in seen_builds:
+                if entry["counted"]:
+                    kopf.info(body, reason="BuildCounted",
+                              message=f"{entry['user']}: the build matches ({decision.build_summary})")
+                elif entry["user"] not in {m.builder for m in decision.mismatches}:  # a mismatch: the final event
+                    kopf.warn(body, reason="BuildIgnored", message=f"{entry['user']}: {entry['reason']}")
         if decision.phase in TERMINAL_PHASES:
             kopf.warn(body, reason=decision.reason, message=decision.message)
             await self._finished(body, at)

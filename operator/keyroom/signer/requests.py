@@ -6,8 +6,8 @@ uid U") the signer reads the key's spec and applies it to its own record
 destruction at its own ``destroyAt``. For a SignRequest (namespace, name, UID
 and the digests the operator saw) it reads the request, the namespace's keys
 and policies with its own read-only identity, checks the UID and the digests,
-and runs the same policy engine as the operator (``keyroom.policy.decide``)
-on metadata and spec only, with what its own record says of the key's
+and runs the same policy engine as the operator (``keyroom.policy.decide``:
+approvals, matching builds, windows, limits) on metadata and spec only, with what its own record says of the key's
 material. Only when that says Approved does it sign. No status is read, so a
 compromised operator alone cannot obtain a signature, a retired version or a
 second use of a one-time key.
@@ -624,6 +624,8 @@ class RequestSigner:
         intent = await self._append(
             "Intent", request=request_ref, requester=spec["requester"]["username"],
             approvers=[a["user"] for a in decision.approvals if a["counted"] and a["decision"] == "Approve"],
+            builders=[{"user": b["user"], **({"build": b["build"]} if b.get("build") else {})}
+                      for b in decision.builds if b["counted"]],
             policies=list(decision.policies), key=key_info, reason=spec.get("reason", ""),
             digestAlgorithm=spec.get("digestAlgorithm", "SHA256"), format=fmt, certificate=certificate_info,
             digests=[{"name": d["name"], "value": d["value"].lower()} for d in spec["digests"]])
