@@ -1,5 +1,5 @@
 """The plugin without a cluster: hashing, the SignRequest it creates, the approval patch and its retry,
-where signatures go, and one-line errors."""
+build attestations, where signatures go, and one-line errors."""
 from __future__ import annotations
 
 import copy
@@ -10,8 +10,8 @@ import kubernetes
 import pytest
 import yaml
 
-from keyroom.cli.plugin import (CliError, append_decision, approval_patch, describe, main, sign_request_body,
-                                signature_paths, table)
+from keyroom.cli.plugin import (CliError, append_decision, approval_patch, attestation, build_reference, describe,
+                                main, sign_request_body, signature_paths, table)
 
 ALICE = {"username": "alice", "groups": ["team-a-devs", "system:authenticated"]}
 
@@ -143,3 +143,55 @@ def test_expected_failures_are_one_line_errors(tmp_path, capsys):
     assert main(["status", "r1", "--kubeconfig", str(nobody)]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: cannot reach the API server at https://127.0.0.1:1") and err.count("\n") == 1
+
+
+CI_A = {"username": "system:serviceaccount:team-a:ci-builder-a", "groups": ["system:serviceaccounts"]}
+
+
+def test_an_attestation_hashes_the_builders_own_files_as_the_request_says(tmp_path):
+    app, lib = tmp_path / "app.exe", tmp_path / "lib.dll"
+    app.write_bytes(b"app")
+    lib.write_bytes(b"lib")
+    spec = sign_request_body([app, lib], key="k", namespace="team-a", identity=ALICE, algorithm="SHA512")["spec"]
+    entry, difference = attestation(spec, [lib, app], identity=CI_A, build="https://ci.example/run/7")
+    assert difference is None
+    assert entry == {"user": CI_A["username"], "groups": CI_A["groups"], "build": "https://ci.example/run/7",
+                     "digests": [{"name": "lib.dll", "value": hashlib.sha512(b"lib").hexdigest()},
+                                 {"name": "app.exe", "value": hashlib.sha512(b"app").hexdigest()}]}
+    lib.write_bytes(b"lib, built elsewhere")
+    entry, difference = attestation(spec, [app, lib], identity=CI_A)
+    assert difference[0] == "lib.dll" and "build" not in entry
+
+
+def test_an_attestation_names_exactly_the_requests_files(tmp_path):
+    app, lib, other = tmp_path / "app.exe", tmp_path / "lib.dll", tmp_path / "other.so"
+    for path in (app, lib, other):
+        path.write_bytes(path.name.encode())
+    spec = sign_request_body([app, lib], key="k", namespace="team-a", identity=ALICE)["spec"]
+    with pytest.raises(CliError, match="attest exactly the request's files: missing lib.dll; not in the request "
+                                       "other.so"):
+        attestation(spec, [app, other], identity=CI_A)
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "app.exe").write_bytes(b"")
+    with pytest.raises(CliError, match="same name"):
+        attestation(spec, [app, tmp_path / "d" / "app.exe", lib], identity=CI_A)
+
+
+def test_the_build_reference_comes_from_the_ci_system():
+    assert build_reference({"CI_JOB_URL": "https://gitlab.example/g/p/-/jobs/9"}) == "https://gitlab.example/g/p/-/jobs/9"
+    assert build_reference({"GITHUB_SERVER_URL": "https://github.com", "GITHUB_REPOSITORY": "o/r",
+                            "GITHUB_RUN_ID": "42"}) == "https://github.com/o/r/actions/runs/42"
+    assert build_reference({"GITHUB_RUN_ID": "42"}) == ""
+
+
+def test_the_status_shows_builds_as_counted_or_not():
+    body = {"metadata": {"namespace": "team-a", "name": "r1"},
+            "spec": {"keyRef": {"name": "k"}, "requester": ALICE, "digests": [{"name": "a", "value": "ab" * 32}],
+                     "attestations": [{"user": "x", "digests": []}]},
+            "status": {"phase": "Failed", "buildSummary": "1/2", "builds": [
+                {"user": "ci-a", "counted": True, "build": "run 1"},
+                {"user": "ci-b", "counted": False, "reason": "ci-b's build differs at a: ..."}]}}
+    text = describe(body)
+    for expected in ("builds:     1/2", "ci-a: matches, counted [run 1]", "ci-b: not counted: ci-b's build differs at a"):
+        assert expected in text
+    assert "builds:" not in describe({**body, "spec": {**body["spec"], "attestations": []}, "status": {}})

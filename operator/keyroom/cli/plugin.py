@@ -1,10 +1,10 @@
-"""``kubectl keyroom``: sign files, approve and deny SignRequests, and read them, from the command line.
+"""``kubectl keyroom``: sign files, approve, deny and attest SignRequests, and read them, from the command line.
 
 Installed as the ``kubectl-keyroom`` console script, so kubectl finds it as a
 plugin. Files are hashed locally; only their digests travel. The caller's
 identity comes from a SelfSubjectReview (what ``kubectl auth whoami`` shows),
-so the requester and each approval carry exactly what the API server's
-admission policy expects.
+so the requester, each approval and each build attestation carry exactly what
+the API server's admission policy expects.
 """
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from typing import Any, Iterable, Iterator
 
 import kubernetes
 
+from keyroom import policy
 from keyroom.cli import jar, pe
 from keyroom.signer.formats import FormatError
 from keyroom.signer.formats import jar as jar_format
@@ -101,12 +102,47 @@ def sign_request_body(files: list[pathlib.Path], *, key: str, namespace: str, id
     return {"apiVersion": f"{GROUP}/{VERSION}", "kind": "SignRequest", "metadata": metadata, "spec": spec}
 
 
-def approval_patch(current: list | None, entry: dict) -> list[dict]:
-    """A JSON patch appending ``entry``; it fails if someone else appended meanwhile."""
+def approval_patch(current: list | None, entry: dict, field: str = "approvals") -> list[dict]:
+    """A JSON patch appending ``entry`` to ``spec.<field>``; it fails if someone else appended meanwhile."""
     if current is None:
-        return [{"op": "add", "path": "/spec/approvals", "value": [entry]}]
-    return [{"op": "test", "path": "/spec/approvals", "value": current},
-            {"op": "add", "path": "/spec/approvals/-", "value": entry}]
+        return [{"op": "add", "path": f"/spec/{field}", "value": [entry]}]
+    return [{"op": "test", "path": f"/spec/{field}", "value": current},
+            {"op": "add", "path": f"/spec/{field}/-", "value": entry}]
+
+
+def build_reference(environ: dict[str, str]) -> str:
+    """The CI run this process belongs to, from the variables GitLab CI and GitHub Actions set ("" elsewhere)."""
+    if environ.get("CI_JOB_URL"):
+        return environ["CI_JOB_URL"]
+    if all(environ.get(v) for v in ("GITHUB_SERVER_URL", "GITHUB_REPOSITORY", "GITHUB_RUN_ID")):
+        return f"{environ['GITHUB_SERVER_URL']}/{environ['GITHUB_REPOSITORY']}/actions/runs/{environ['GITHUB_RUN_ID']}"
+    return ""
+
+
+def attestation(spec: dict, files: list[pathlib.Path], *, identity: dict,
+                build: str = "") -> tuple[dict, tuple[str, str] | None]:
+    """(the caller's attestation of a request's digests from ``files``, where it differs from the request's).
+
+    Each file is hashed as the request's format and digest algorithm say, and
+    named by its base name; the files must be exactly the request's, so that
+    a forgotten file does not fail a release that a full build would match.
+    """
+    names = [f.name for f in files]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise CliError(f"files with the same name cannot be attested together: {', '.join(repeated)}")
+    wanted = [d["name"] for d in spec["digests"]]
+    missing, extra = [n for n in wanted if n not in names], sorted(set(names) - set(wanted))
+    if missing or extra:
+        raise CliError("attest exactly the request's files: "
+                       + "; ".join(filter(None, [missing and f"missing {', '.join(missing)}",
+                                                 extra and f"not in the request {', '.join(extra)}"])))
+    fmt, algorithm = spec.get("format", "raw"), spec.get("digestAlgorithm", "SHA256")
+    digests = [{"name": path.name, "value": format_digest(path, fmt, algorithm)[0]} for path in files]
+    entry = {"user": identity["username"], "groups": identity["groups"], "digests": digests}
+    if build:
+        entry["build"] = build
+    return entry, policy.first_difference(spec["digests"], digests)
 
 
 def signature_paths(files: list[pathlib.Path], out: pathlib.Path | None, fmt: str = "raw",
@@ -178,6 +214,11 @@ def describe(body: dict) -> str:
     for approval in status.get("approvals") or []:
         note = "counted" if approval.get("counted") else f"not counted: {approval.get('reason', '')}"
         lines.append(f"    {approval['user']}: {approval['decision']} ({note})")
+    if status.get("buildSummary") or status.get("builds") or spec.get("attestations"):
+        lines.append(f"  builds:     {status.get('buildSummary', '')}".rstrip())
+        for build in status.get("builds") or []:
+            note = "matches, counted" if build.get("counted") else f"not counted: {build.get('reason', '')}"
+            lines.append(f"    {build['user']}: {note}" + (f" [{build['build']}]" if build.get("build") else ""))
     for label, field in (("expires", "expiresAt"), ("signed", "signedAt")):
         if status.get(field):
             lines.append(f"  {label + ':':<12}{status[field]}")
@@ -310,8 +351,9 @@ def cmd_sign(cluster: Cluster, args: argparse.Namespace) -> int:
     return 0
 
 
-def append_decision(cluster: Cluster, name: str, entry: dict, *, attempts: int = 5) -> None:
-    """Append ``entry`` to the request's approvals, after showing the request once.
+def append_decision(cluster: Cluster, name: str, entry: dict, *, attempts: int = 5, field: str = "approvals",
+                    body: dict | None = None) -> None:
+    """Append ``entry`` to the request's approvals (or attestations), after showing the request once.
 
     The patch tests the list it appends to (or creates it when there is none), so
     a decision someone else appends at the same moment makes it fail instead of
@@ -319,21 +361,21 @@ def append_decision(cluster: Cluster, name: str, entry: dict, *, attempts: int =
     created meanwhile with the append-only rule's refusal, so a list that has
     changed on re-reading is what tells a lost race from a real refusal.
     """
-    body = cluster.get(name)
+    body = body or cluster.get(name)
     _note(describe(body))
     for _ in range(attempts):
         phase = (body.get("status") or {}).get("phase")
         if phase in FINAL:
-            raise CliError(f"{name} is already {phase}; nothing to {entry['decision'].lower()}")
-        seen = body["spec"].get("approvals")
+            raise CliError(f"{name} is already {phase}; nothing to {entry.get('decision', 'attest').lower()}")
+        seen = body["spec"].get(field)
         try:
             cluster.custom.patch_namespaced_custom_object(GROUP, VERSION, cluster.namespace, PLURAL, name,
-                                                          approval_patch(seen, entry),
+                                                          approval_patch(seen, entry, field),
                                                           _content_type="application/json-patch+json")
             return
         except kubernetes.client.ApiException:
             body = cluster.get(name)
-            if body["spec"].get("approvals") == seen:
+            if body["spec"].get(field) == seen:
                 raise
             _note("someone else decided at the same moment; trying again on the new list")
     raise CliError(f"could not append to {name}: its approvals keep changing")
@@ -360,6 +402,38 @@ def cmd_decide(cluster: Cluster, args: argparse.Namespace, decision: str) -> int
     return 0
 
 
+def cmd_attest(cluster: Cluster, args: argparse.Namespace) -> int:
+    """Hash the files of one's own build and append them as one's attestation of the request's digests."""
+    files = [pathlib.Path(f) for f in args.files]
+    for path in files:
+        if not path.is_file():
+            raise CliError(f"{path} is not a readable file")
+    identity = cluster.whoami()
+    body = cluster.get(args.name)
+    if any(a["user"] == identity["username"] for a in body["spec"].get("attestations") or []):
+        raise CliError(f"{identity['username']} already attested {args.name}; a builder attests once")
+    entry, difference = attestation(body["spec"], files, identity=identity,
+                                    build=args.build if args.build is not None else build_reference(dict(os.environ)))
+    append_decision(cluster, args.name, entry, field="attestations", body=body)
+    if difference is not None:
+        _note(f"error: your build differs from the request's at {difference[0]}: {difference[1]}; "
+              f"{args.name} fails (BuildMismatch) and will not be signed")
+        return 1
+    summary = ""
+    deadline = time.monotonic() + 3
+    while time.monotonic() < deadline:  # the operator counts it within moments
+        status = cluster.get(args.name).get("status") or {}
+        mine = [b for b in status.get("builds") or [] if b["user"] == identity["username"]]
+        if mine:
+            summary = f" ({status.get('buildSummary', '')}" + ("" if mine[-1].get("counted") else
+                                                                f"; not counted: {mine[-1].get('reason')}") + ")"
+            break
+        time.sleep(0.2)
+    print(f"attested {cluster.namespace}/{args.name} as {identity['username']}: {len(files)} digest(s) match"
+          f"{summary}")
+    return 0
+
+
 def cmd_get(cluster: Cluster, args: argparse.Namespace) -> int:
     if args.name:
         items = [cluster.get(args.name)]
@@ -370,13 +444,16 @@ def cmd_get(cluster: Cluster, args: argparse.Namespace) -> int:
     if not items:
         _note(f"no SignRequests in {'any namespace' if args.all_namespaces else cluster.namespace}")
         return 0
-    header = (["NAMESPACE"] if args.all_namespaces else []) + ["NAME", "KEY", "REQUESTER", "APPROVALS", "PHASE", "AGE"]
+    builds = any((item.get("status") or {}).get("buildSummary") for item in items)  # a column only when in use
+    header = ((["NAMESPACE"] if args.all_namespaces else []) + ["NAME", "KEY", "REQUESTER", "APPROVALS"]
+              + (["BUILDS"] if builds else []) + ["PHASE", "AGE"])
     rows = [header]
     for item in items:
         status = item.get("status") or {}
         rows.append(([item["metadata"]["namespace"]] if args.all_namespaces else []) + [
             item["metadata"]["name"], item["spec"]["keyRef"]["name"], item["spec"]["requester"]["username"],
-            status.get("approvalSummary", ""), status.get("phase", ""), _age(item["metadata"].get("creationTimestamp"))])
+            status.get("approvalSummary", "")] + ([status.get("buildSummary", "")] if builds else []) + [
+            status.get("phase", ""), _age(item["metadata"].get("creationTimestamp"))])
     print(table(rows))
     return 0
 
@@ -442,6 +519,14 @@ def parser() -> argparse.ArgumentParser:
         sub.add_argument("--reason", default="", required=decision == "Deny", help="why")
         sub.add_argument("--yes", action="store_true", help="accepted for scripts; nothing is asked anyway")
         sub.set_defaults(run=lambda cluster, args, decision=decision: cmd_decide(cluster, args, decision))
+
+    attest = verbs.add_parser("attest", parents=[common],
+                              help="hash the files your own build produced and attest them for a SignRequest")
+    attest.add_argument("name")
+    attest.add_argument("files", nargs="+", metavar="FILE", help="exactly the request's files, from your build")
+    attest.add_argument("--build", help="the build that produced them, e.g. the CI run's URL (default: $CI_JOB_URL, "
+                                        "or the GitHub Actions run)")
+    attest.set_defaults(run=cmd_attest)
 
     get = verbs.add_parser("get", parents=[common], help="list SignRequests")
     get.add_argument("name", nargs="?")
