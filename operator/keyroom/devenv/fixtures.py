@@ -5,6 +5,8 @@ admin). Teams are namespaces; RoleBindings grant the shipped keyroom roles to a
 team's groups in that team's namespace only, as a platform team would. The
 operator and the signer run as ServiceAccounts in ``keyroom-system`` with the
 same bindings the Helm chart makes (:func:`keyroom.api.rbac.component_bindings`).
+Two CI systems of team-a build every release independently, as ServiceAccounts
+``ci-builder-a`` (which also requests the signatures) and ``ci-builder-b``.
 """
 from __future__ import annotations
 
@@ -25,6 +27,14 @@ SYSTEM_NAMESPACE = "keyroom-system"
 SERVICE_ACCOUNTS: dict[str, tuple[str, str]] = {
     "operator": (SYSTEM_NAMESPACE, rbac.OPERATOR),
     "signer": (SYSTEM_NAMESPACE, rbac.SIGNER),
+    "ci-builder-a": ("team-a", "ci-builder-a"),
+    "ci-builder-b": ("team-a", "ci-builder-b"),
+}
+
+#: kubeconfig name of a team's ServiceAccount -> the ClusterRoles it is bound to in its namespace
+SERVICE_ACCOUNT_ROLES: dict[str, list[str]] = {
+    "ci-builder-a": ["keyroom-requester", "keyroom-builder"],
+    "ci-builder-b": ["keyroom-builder"],
 }
 
 #: namespace -> [(group, ClusterRole)]
@@ -51,6 +61,16 @@ def manifests() -> list[dict]:
     for namespace, service_account in SERVICE_ACCOUNTS.values():
         documents.append({"apiVersion": "v1", "kind": "ServiceAccount",
                           "metadata": {"name": service_account, "namespace": namespace}})
+    for identity, roles in SERVICE_ACCOUNT_ROLES.items():
+        namespace, service_account = SERVICE_ACCOUNTS[identity]
+        for role in roles:
+            documents.append({
+                "apiVersion": "rbac.authorization.k8s.io/v1",
+                "kind": "RoleBinding",
+                "metadata": {"name": f"{service_account}-{role}", "namespace": namespace},
+                "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": role},
+                "subjects": [{"kind": "ServiceAccount", "name": service_account, "namespace": namespace}],
+            })
     # the same bindings as the Helm chart's: ClusterRoleBindings, and the signer's Role in its own namespace only
     documents.extend(rbac.component_bindings(SYSTEM_NAMESPACE))
     return documents
