@@ -98,6 +98,15 @@ def test_the_component_imports_from_byte_compiled_sources(built, target):
     assert result.stdout.strip().startswith("/opt/keyroom/lib/python3.11/site-packages/keyroom/")
 
 
+def test_the_entrypoints_start_the_components(built):
+    operator = run(built["operator"], "--help")
+    assert "--liveness URL" in operator.stdout
+    # the signer names what it misses when started without its configuration
+    signer = run(built["signer"], check=False)
+    assert signer.returncode == 2
+    assert "error: set KEYROOM_PIN_FILE" in signer.stderr
+
+
 def test_the_signer_image_has_the_token_tools(built):
     result = run(built["signer"], "-c", "for t in softhsm2-util pkcs11-tool; do command -v $t; done; "
                  "ls -L /usr/lib/softhsm/libsofthsm2.so; python -c 'import pkcs11, cryptography'", entrypoint="sh")
