@@ -160,7 +160,8 @@ def _trim(rootfs: pathlib.Path, mirror: str) -> None:
         else:
             path.unlink()
 
-    for package in (rootfs / "usr/share/doc").iterdir():  # each package keeps its copyright file
+    documentation = rootfs / "usr/share/doc"
+    for package in documentation.iterdir() if documentation.is_dir() else ():  # each keeps its copyright
         for path in package.iterdir() if package.is_dir() and not package.is_symlink() else [package]:
             if path.name != "copyright":
                 remove(path)
