@@ -175,3 +175,115 @@ def test_the_operator_identity_may_write_metadata_but_never_spec(cluster, unique
     labelled = kubectl(cluster, "label", "signingpolicy", name, "-n", NAMESPACE, "checked=yes", identity="operator")
     assert labelled.returncode != 0 and "may not change labels" in labelled.stderr
     assert get(cluster, "signingpolicy", name, namespace=NAMESPACE)["spec"]["requiredApprovals"] == 2
+
+
+# ---------------------------------------------------------------- build attestations
+
+CI_A = "system:serviceaccount:team-a:ci-builder-a"
+CI_B = "system:serviceaccount:team-a:ci-builder-b"
+SA_GROUPS = ["system:serviceaccounts", "system:serviceaccounts:team-a", "system:authenticated"]
+DIGESTS = [{"name": "app.exe", "value": SHA256}]
+
+
+def attestation(user: str, groups: list = SA_GROUPS, digests: list = DIGESTS) -> dict:
+    return {"user": user, "groups": groups, "build": "https://ci.example/run/1", "digests": digests}
+
+
+def attest(entry: dict, *, first: bool = False) -> list:
+    if first:
+        return [{"op": "add", "path": "/spec/attestations", "value": [entry]}]
+    return [{"op": "add", "path": "/spec/attestations/-", "value": entry}]
+
+
+@pytest.fixture
+def built(cluster, unique) -> str:
+    """A request by ci-builder-a (the pipeline that requests), attested by ci-builder-a itself."""
+    name = unique("built")
+    created = apply(cluster, request(name, requester={"username": CI_A, "groups": SA_GROUPS}), identity="ci-builder-a")
+    assert created.returncode == 0, created.stderr
+    attested = patch(cluster, name, attest(attestation(CI_A), first=True), identity="ci-builder-a")
+    assert attested.returncode == 0, attested.stderr
+    return name
+
+
+def test_builders_attest_in_their_own_name(cluster, built):
+    result = patch(cluster, built, attest(attestation(CI_B)), identity="ci-builder-b")
+    assert result.returncode == 0, result.stderr
+    attestations = get(cluster, "signrequest", built, namespace=NAMESPACE)["spec"]["attestations"]
+    assert [a["user"] for a in attestations] == [CI_A, CI_B] and attestations[1]["digests"] == DIGESTS
+
+
+def test_an_attestation_in_another_builders_name_is_refused(cluster, built):
+    result = patch(cluster, built, attest(attestation(CI_B)), identity="ci-builder-a")
+    assert result.returncode != 0
+    assert f'an attestation must be your own: user must be "{CI_A}", not "{CI_B}"' in result.stderr
+
+
+def test_an_attestation_with_forged_groups_is_refused(cluster, built):
+    result = patch(cluster, built, attest(attestation(CI_B, groups=[*SA_GROUPS, "release-builders"])),
+                   identity="ci-builder-b")
+    assert result.returncode != 0 and "an attestation must carry exactly your groups" in result.stderr
+
+
+def test_the_requester_cannot_attest_twice(cluster, built):
+    """A second attestation by the requester's pipeline would be a second vote for one build."""
+    result = patch(cluster, built, attest(attestation(CI_A)), identity="ci-builder-a")
+    assert result.returncode != 0 and "you already attested this request: a builder attests once" in result.stderr
+
+
+@pytest.mark.parametrize("operation", [
+    {"op": "replace", "path": "/spec/attestations/0/digests/0/value", "value": "0" * 64},
+    {"op": "replace", "path": "/spec/attestations/0/user", "value": CI_B},
+    {"op": "remove", "path": "/spec/attestations/0"},
+    {"op": "replace", "path": "/spec/attestations/0", "value": attestation(CI_B)},
+], ids=["digests-edited", "builder-renamed", "removed", "replaced"])
+def test_an_attestation_cannot_be_edited_or_removed(cluster, built, operation):
+    for identity in ("ci-builder-b", "ci-builder-a"):
+        result = patch(cluster, built, [operation], identity=identity)
+        assert result.returncode != 0
+        assert "attestations are append-only: existing entries cannot be removed or edited" in result.stderr
+    assert get(cluster, "signrequest", built, namespace=NAMESPACE)["spec"]["attestations"] == [attestation(CI_A)]
+
+
+def test_attestations_at_creation_are_refused(cluster, unique):
+    document = request(unique("preattested"), requester={"username": CI_A, "groups": SA_GROUPS})
+    document["spec"]["attestations"] = [attestation(CI_A)]
+    result = apply(cluster, document, identity="ci-builder-a")
+    assert result.returncode != 0 and "cannot carry build attestations when it is created" in result.stderr
+
+
+def test_two_attestations_in_one_update_are_refused(cluster, built):
+    result = patch(cluster, built, attest(attestation(CI_B)) + attest(attestation(CI_B)), identity="ci-builder-b")
+    assert result.returncode != 0 and "append exactly one build attestation per update" in result.stderr
+
+
+def test_an_approver_cannot_attest_without_the_builder_role(cluster, built):
+    """bob may patch SignRequests (to approve), but RBAC grants him no attest verb."""
+    entry = attestation("bob", groups=BOB_GROUPS)
+    result = patch(cluster, built, attest(entry), identity="bob")
+    assert result.returncode != 0
+    assert 'only a builder may attest: bob may not "attest" signrequests in team-a' in result.stderr
+
+
+def test_an_admin_cannot_attest_in_a_builders_name(cluster, built):
+    result = patch(cluster, built, attest(attestation(CI_B)), identity="admin")
+    assert result.returncode != 0
+    assert f'an attestation must be your own: user must be "keyroom-admin", not "{CI_B}"' in result.stderr
+
+
+def test_the_operator_identity_cannot_attest(cluster, built):
+    operator = "system:serviceaccount:keyroom-system:keyroom-operator"
+    result = patch(cluster, built, attest(attestation(operator, groups=[
+        "system:serviceaccounts", "system:serviceaccounts:keyroom-system", "system:authenticated"])),
+        identity="operator")
+    # refused twice over: it has no attest verb, and keyroom-operator-writes-no-spec keeps it away from spec
+    assert result.returncode != 0 and "forbidden" in result.stderr and (
+        'may not "attest"' in result.stderr or "never spec" in result.stderr)
+    assert get(cluster, "signrequest", built, namespace=NAMESPACE)["spec"]["attestations"] == [attestation(CI_A)]
+
+
+def test_an_attested_digest_must_fit_the_requests_algorithm(cluster, built):
+    result = patch(cluster, built, attest(attestation(CI_B, digests=[{"name": "app.exe", "value": "ab" * 48}])),
+                   identity="ci-builder-b")
+    assert result.returncode != 0
+    assert "each attested digest must be the hex of a digest of the request's digestAlgorithm" in result.stderr

@@ -180,3 +180,56 @@ def test_rotate_makes_a_new_version_current_and_only_admins_may(cluster, key):
     again = keyroom(cluster, "admin", "rotate", key, "--request", status["lastRotationRequest"], "--timeout", "3")
     assert again.returncode == 2  # the same request value rotates nothing
     assert get(cluster, "signingkey", key, namespace=NAMESPACE)["status"]["currentVersion"] == 2
+
+
+def test_two_pipelines_attest_the_same_release_and_the_first_pipelines_sign_gets_the_signature(cluster, unique,
+                                                                                               tmp_path):
+    name = unique("cli-builds")
+    assert apply(cluster, {"apiVersion": "keyroom.dev/v1alpha1", "kind": "SigningKey",
+                           "metadata": {"name": name, "namespace": NAMESPACE},
+                           "spec": {"algorithm": "ECDSA_P256"}}).returncode == 0
+    assert apply(cluster, {"apiVersion": "keyroom.dev/v1alpha1", "kind": "SigningPolicy",
+                           "metadata": {"name": name, "namespace": NAMESPACE},
+                           "spec": {"keys": [name], "requesters": {"serviceAccounts": ["ci-builder-a"]},
+                                    "requiredApprovals": 0, "matchingBuilds": {"required": 2, "builders": {
+                                        "serviceAccounts": ["ci-builder-a", "ci-builder-b"]}}}}).returncode == 0
+    wait_for(lambda: get(cluster, "signingkey", name, namespace=NAMESPACE).get("status", {}).get("phase") == "Active",
+             what=f"{name} to be Active")
+    builds = {}
+    for pipeline in ("a", "b"):  # each pipeline's own, independent build of the same sources
+        builds[pipeline] = tmp_path / pipeline
+        builds[pipeline].mkdir()
+        (builds[pipeline] / "app.exe").write_bytes(b"reproducible application")
+        (builds[pipeline] / "notes.txt").write_text("release notes\n")
+    files = lambda pipeline: [str(builds[pipeline] / "app.exe"), str(builds[pipeline] / "notes.txt")]  # noqa: E731
+
+    signing = keyroom(cluster, "ci-builder-a", "sign", *files("a"), "--key", name, "--out", str(tmp_path / "sigs"),
+                      "--timeout", "60", wait=False)
+    request = _created_name(cluster, name)
+    attested = keyroom(cluster, "ci-builder-a", "attest", request, *files("a"), "--build", "pipeline a #12")
+    assert attested.returncode == 0, attested.stderr
+    assert f"attested {NAMESPACE}/{request} as system:serviceaccount:team-a:ci-builder-a: 2 digest(s) match" in \
+        attested.stdout
+    again = keyroom(cluster, "ci-builder-a", "attest", request, *files("a"))
+    assert again.returncode == 1 and "already attested" in again.stderr
+    shown = keyroom(cluster, "ci-builder-a", "status", request)
+    assert "builds:     1/2" in shown.stdout and "ci-builder-a: matches, counted [pipeline a #12]" in shown.stdout
+    partial = keyroom(cluster, "ci-builder-b", "attest", request, files("b")[0])
+    assert partial.returncode == 1 and "attest exactly the request's files: missing notes.txt" in partial.stderr
+
+    attested = keyroom(cluster, "ci-builder-b", "attest", request, *files("b"), "--build", "pipeline b #7")
+    assert attested.returncode == 0, attested.stderr
+    out, err = signing.communicate(timeout=60)
+    assert signing.returncode == 0, err
+    assert (tmp_path / "sigs" / "app.exe.sig").exists() and (tmp_path / "sigs" / "notes.txt.sig").exists()
+
+    # the next release: pipeline b's build differs, and says so
+    (builds["b"] / "app.exe").write_bytes(b"reproducible application, patched on the build machine")
+    second = keyroom(cluster, "ci-builder-a", "sign", *files("a"), "--key", name, "--no-wait")
+    request = second.stdout.strip()
+    assert keyroom(cluster, "ci-builder-a", "attest", request, *files("a")).returncode == 0
+    differs = keyroom(cluster, "ci-builder-b", "attest", request, *files("b"))
+    assert differs.returncode == 1 and "your build differs from the request's at app.exe" in differs.stderr
+    status = wait_for(lambda: (s := get(cluster, "sr", request, namespace=NAMESPACE).get("status", {}))
+                      .get("phase") == "Failed" and s, what=f"{request} to fail")
+    assert "ci-builder-b's build differs at app.exe" in status["message"]

@@ -76,6 +76,23 @@ def test_approvers_may_patch_requests_but_not_create_them(cluster):
     assert not can_i(cluster, "bob", "create", "signrequests.keyroom.dev", "team-a")
 
 
+def test_a_builder_may_attest_and_nothing_else(cluster):
+    """keyroom-builder: get, patch and attest SignRequests; no create, list, status, keys or policies."""
+    assert can_i(cluster, "ci-builder-b", "attest", "signrequests.keyroom.dev", "team-a")
+    assert can_i(cluster, "ci-builder-b", "patch", "signrequests.keyroom.dev", "team-a")
+    for verb, resource, extra in [("create", "signrequests", ()), ("list", "signrequests", ()),
+                                  ("delete", "signrequests", ()), ("patch", "signrequests", ("--subresource=status",)),
+                                  ("get", "signingpolicies", ()), ("get", "signingkeys", ()),
+                                  ("patch", "signingpolicies", ())]:
+        assert not can_i(cluster, "ci-builder-b", verb, f"{resource}.keyroom.dev", "team-a", *extra), (verb, resource)
+    assert not can_i(cluster, "ci-builder-b", "attest", "signrequests.keyroom.dev", "team-b")
+
+
+def test_only_builders_may_attest(cluster):
+    for identity in ("alice", "bob", "dave", "operator", "signer"):
+        assert not can_i(cluster, identity, "attest", "signrequests.keyroom.dev", "team-a"), identity
+
+
 @pytest.mark.parametrize("kind", ["signingkeys", "certificates", "signingpolicies", "signrequests"])
 def test_dave_can_neither_read_nor_create_anything_in_team_a(cluster, kind):
     for verb in ("get", "list", "watch", "create"):

@@ -490,3 +490,109 @@ def test_a_request_the_signer_signed_is_reported_signed_whatever_happened_since(
     assert status["phase"] == "Signed", status
     assert status["signatures"] == answer["signatures"] and status["audit"] == answer["audit"]
     assert len([e for e in _audit_entries(cluster) if e["request"]["name"] == name and e["event"] == "Signed"]) == 1
+
+
+# ---------------------------------------------------------------- matching builds
+
+CI_A = "system:serviceaccount:team-a:ci-builder-a"
+CI_B = "system:serviceaccount:team-a:ci-builder-b"
+SA_GROUPS = ["system:serviceaccounts", "system:serviceaccounts:team-a", "system:authenticated"]
+BUILDERS = {"required": 2, "builders": {"serviceAccounts": ["ci-builder-a", "ci-builder-b"]}}
+
+
+def _built_request(cluster, unique, key: str, artifacts: dict[str, bytes]) -> str:
+    """A request by the ci-builder-a pipeline for the artifacts it built."""
+    name = unique("sr")
+    created = apply(cluster, {"apiVersion": "keyroom.dev/v1alpha1", "kind": "SignRequest",
+                              "metadata": {"name": name, "namespace": NAMESPACE},
+                              "spec": {"keyRef": {"name": key}, "requester": {"username": CI_A, "groups": SA_GROUPS},
+                                       "reason": "release 2.0",
+                                       "digests": [{"name": n, "value": hashlib.sha256(b).hexdigest()}
+                                                   for n, b in artifacts.items()]}}, identity="ci-builder-a")
+    assert created.returncode == 0, created.stderr
+    return name
+
+
+def _attest(cluster, name: str, builder: str, artifacts: dict[str, bytes]) -> subprocess.CompletedProcess:
+    """Append ``builder``'s own attestation of the digests of ``artifacts`` (its own build of the release)."""
+    current = get(cluster, "signrequest", name, namespace=NAMESPACE)["spec"].get("attestations")
+    entry = {"user": f"system:serviceaccount:team-a:{builder}", "groups": SA_GROUPS, "build": f"{builder} run 1",
+             "digests": [{"name": n, "value": hashlib.sha256(b).hexdigest()} for n, b in artifacts.items()]}
+    ops = ([{"op": "test", "path": "/spec/attestations", "value": current},
+            {"op": "add", "path": "/spec/attestations/-", "value": entry}] if current is not None
+           else [{"op": "add", "path": "/spec/attestations", "value": [entry]}])
+    return kubectl(cluster, "patch", "signrequest", name, "-n", NAMESPACE, "--type=json", "-p", json.dumps(ops),
+                   identity=builder)
+
+
+def _events(cluster, name: str) -> str:
+    return kubectl(cluster, "get", "events", "-n", NAMESPACE, f"--field-selector=involvedObject.name={name}",
+                   "-o", "custom-columns=REASON:.reason,MESSAGE:.message").stdout
+
+
+def test_two_ci_builders_that_agree_get_a_signature_and_the_audit_names_them(cluster, unique, tmp_path):
+    key = _key(cluster, unique)
+    _policy(cluster, unique, key, requesters={"serviceAccounts": ["ci-builder-a"]}, matchingBuilds=BUILDERS)
+    artifacts = {"app.exe": b"the application, built reproducibly\n", "lib.dll": b"a library\n"}
+    name = _built_request(cluster, unique, key, artifacts)
+    status = _until(cluster, name, lambda s: s.get("phase") == "Pending", what="Pending")
+    assert _condition(status, "Ready")["reason"] == "AwaitingBuilds" and status["buildSummary"] == "0/2"
+    assert "needs 2 more matching builds from serviceaccount ci-builder-a or serviceaccount ci-builder-b" in \
+        status["message"]
+
+    # the requesting pipeline's own build counts once, however it is attested
+    assert _attest(cluster, name, "ci-builder-a", artifacts).returncode == 0
+    status = _until(cluster, name, lambda s: s.get("buildSummary") == "1/2", what="ci-builder-a's build to count")
+    assert status["phase"] == "Pending" and status["builds"][0]["user"] == CI_A and status["builds"][0]["counted"]
+    assert "needs 1 more matching build from serviceaccount ci-builder-b" in status["message"]
+    assert _attest(cluster, name, "ci-builder-a", artifacts).returncode != 0  # refused at admission
+    assert _status(cluster, name)["phase"] == "Pending"
+
+    assert _attest(cluster, name, "ci-builder-b", artifacts).returncode == 0
+    status = _final(cluster, name)
+    assert status["phase"] == "Signed", status["message"]
+    assert status["buildSummary"] == "2/2" and [(b["user"], b["counted"], b["build"]) for b in status["builds"]] == [
+        (CI_A, True, "ci-builder-a run 1"), (CI_B, True, "ci-builder-b run 1")]
+    assert f"builds of {CI_A}, {CI_B} match" in _condition(status, "Approved")["message"]
+    public_key = _public_key(cluster, key, status["keyVersion"])
+    for signature in status["signatures"]:
+        assert _openssl_verifies(tmp_path, public_key, artifacts[signature["name"]], signature["value"])
+    intent = next(e for e in _audit_entries(cluster) if e["request"]["name"] == name and e["event"] == "Intent")
+    assert intent["builders"] == [{"user": CI_A, "build": "ci-builder-a run 1"},
+                                  {"user": CI_B, "build": "ci-builder-b run 1"}]
+    assert "BuildCounted" in _events(cluster, name)
+
+
+def test_one_builder_whose_build_differs_blocks_the_signature(cluster, unique):
+    key = _key(cluster, unique)
+    _policy(cluster, unique, key, requesters={"serviceAccounts": ["ci-builder-a"]}, matchingBuilds=BUILDERS)
+    artifacts = {"app.exe": b"the application\n", "lib.dll": b"a library\n"}
+    name = _built_request(cluster, unique, key, artifacts)
+    assert _attest(cluster, name, "ci-builder-a", artifacts).returncode == 0
+    _until(cluster, name, lambda s: s.get("buildSummary") == "1/2", what="ci-builder-a's build to count")
+    tampered = {**artifacts, "lib.dll": b"a library with a backdoor\n"}  # what the other build machine saw differs
+    assert _attest(cluster, name, "ci-builder-b", tampered).returncode == 0
+    status = _final(cluster, name)
+    assert status["phase"] == "Failed" and "signatures" not in status
+    assert _condition(status, "Stalled")["reason"] == "BuildMismatch"
+    assert status["message"].startswith(f"{CI_B}'s build differs at lib.dll: its digest "
+                                        f"{hashlib.sha256(tampered['lib.dll']).hexdigest()[:12]}...")
+    assert [(b["user"], b["counted"]) for b in status["builds"]] == [(CI_A, True), (CI_B, False)]
+    assert status["builds"][1]["reason"].startswith(f"{CI_B}'s build differs at lib.dll")
+    events = _events(cluster, name)
+    assert "BuildMismatch" in events and f"{CI_B}'s build differs at lib.dll" in events
+    assert not [e for e in _audit_entries(cluster) if e["request"]["name"] == name and e["event"] == "Intent"]
+
+
+def test_approvals_and_matching_builds_are_both_required(cluster, unique):
+    key = _key(cluster, unique)
+    _policy(cluster, unique, key, requesters={"serviceAccounts": ["ci-builder-a"]}, matchingBuilds=BUILDERS,
+            requiredApprovals=1)
+    artifacts = {"app.exe": b"the application\n"}
+    name = _built_request(cluster, unique, key, artifacts)
+    assert _attest(cluster, name, "ci-builder-a", artifacts).returncode == 0
+    assert _attest(cluster, name, "ci-builder-b", artifacts).returncode == 0
+    status = _until(cluster, name, lambda s: s.get("buildSummary") == "2/2", what="both builds to count")
+    assert status["phase"] == "Pending" and _condition(status, "Ready")["reason"] == "AwaitingApproval"
+    assert _approve(cluster, name, "bob").returncode == 0
+    assert _final(cluster, name)["phase"] == "Signed"

@@ -128,6 +128,15 @@ CASES = [
     ("policy-in-without-values", signing_policy, lambda d: d["spec"].update(
         keys=None, keySelector={"matchExpressions": [{"key": "team", "operator": "In"}]}),
      "In and NotIn need values"),
+    ("policy-one-matching-build", signing_policy, _set("spec.matchingBuilds", {
+        "required": 1, "builders": {"serviceAccounts": ["ci"]}}), "should be greater than or equal to 2"),
+    ("policy-seven-matching-builds", signing_policy, _set("spec.matchingBuilds", {
+        "required": 7, "builders": {"serviceAccounts": ["ci"]}}), "should be less than or equal to 6"),
+    ("policy-matching-builds-without-builders", signing_policy, _set("spec.matchingBuilds", {
+        "required": 2, "builders": {}}), "matchingBuilds.builders must name at least one user, group or serviceAccount"),
+    ("policy-matching-builds-bad-account", signing_policy, _set("spec.matchingBuilds", {
+        "builders": {"serviceAccounts": ["system:serviceaccount:team-a:ci"]}}),
+     "spec.matchingBuilds.builders.serviceAccounts[0]"),
     # SignRequest
     ("request-short-digest", sign_request, _set("spec.digests.0.value", SHA256[:40]),
      "spec.digests[0].value"),
