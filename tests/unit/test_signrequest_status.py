@@ -96,3 +96,26 @@ def test_an_absurd_ttl_annotation_falls_back_instead_of_overflowing():
     assert due == datetime.datetime(2026, 12, 8, tzinfo=datetime.timezone.utc)
     body["metadata"]["annotations"][sr.TTL_ANNOTATION] = "36500d"
     assert sr.removal_due(body, default_ttl="7d").year == 2036
+
+
+def test_builds_show_as_counted_keep_when_they_were_seen_and_stay_out_when_no_policy_asks():
+    builds = ({"user": "ci-a", "counted": True, "build": "run 1"},
+              {"user": "ci-b", "counted": False, "reason": "ci-b's build differs at app.exe: ..."})
+    waiting = policy.Decision("Pending", "AwaitingBuilds", "needs 1 more matching build", summary="1/1",
+                              approvals=APPROVALS[:1], build_summary="1/2", builds=builds[:1])
+    first = desired_status(decision=waiting, phase="Pending", status={}, generation=3, at=AT)
+    assert first["buildSummary"] == "1/2"
+    assert first["builds"] == [{"user": "ci-a", "counted": True, "build": "run 1", "observedAt": "2026-11-26T12:00:00Z"}]
+    later = AT + datetime.timedelta(minutes=5)
+    failed = policy.Decision("Failed", "BuildMismatch", "ci-b's build differs", summary="1/1", approvals=APPROVALS[:1],
+                             build_summary="1/2", builds=builds)
+    status = desired_status(decision=failed, phase="Failed", status=first, generation=3, at=later)
+    assert [b["observedAt"] for b in status["builds"]] == ["2026-11-26T12:00:00Z", "2026-11-26T12:05:00Z"]
+    assert conditions.find(status["conditions"], "Stalled")["reason"] == "BuildMismatch"
+    signed = desired_status(decision=policy.Decision("Approved", "Approved", "", approved=True, summary="1/1",
+                                                     approvals=APPROVALS[:1], build_summary="2/2",
+                                                     builds=(builds[0], {"user": "ci-b", "counted": True})),
+                            phase="Signed", status={}, generation=3, at=AT)
+    assert conditions.find(signed["conditions"], "Approved")["message"] == "approved by bob; builds of ci-a, ci-b match"
+    plain = status_of("Pending")
+    assert "builds" not in plain and "buildSummary" not in plain
