@@ -1,4 +1,4 @@
-"""``python -m keyroom.devenv up|down|binaries``: the local control plane for people and scripts."""
+"""``python -m keyroom.devenv up|down|load-image|binaries``: the local control plane for people and scripts."""
 from __future__ import annotations
 
 import argparse
@@ -6,7 +6,7 @@ import pathlib
 import signal
 import sys
 
-from keyroom.devenv import binaries, controlplane, samples
+from keyroom.devenv import binaries, controlplane, pause, samples
 
 
 def _print_usage(environment: controlplane.Environment) -> None:
@@ -24,6 +24,16 @@ Try:
 Logs: {state_dir / 'logs'}
 Stop: python -m keyroom.devenv down --state-dir {state_dir}
 """, flush=True)
+    if environment.node is not None:
+        node = environment.node
+        print(f"""Node {node.name} ({node.ip}) runs pods: pod network {node.pod_cidr}, cluster DNS {node.dns_service_ip} \
+({node.cluster_domain}, served on {node.dns_address}), default StorageClass {node.storage_class} \
+(volumes in {node.volumes_dir}).
+Images come from archives only (imagePullPolicy IfNotPresent or Never):
+  podman save --format oci-archive -o image.tar IMAGE
+  python -m keyroom.devenv load-image --state-dir {state_dir} image.tar
+Containers: {node.crictl} --config {node.directory / 'crictl.yaml'} ps
+""", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,9 +46,18 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--no-operator", dest="operator", action="store_false", help="do not start the operator")
     up.add_argument("--no-signer", dest="signer", action="store_false",
                     help="do not start the signer (nor create its SoftHSM token)")
+    up.add_argument("--node", action="store_true",
+                    help="also run a local node (containerd, kubelet, kube-proxy, scheduler, DNS; needs root) "
+                         "so that pods run")
     down = commands.add_parser("down", help="stop everything started in the state dir and remove it")
     down.add_argument("--state-dir", type=pathlib.Path, required=True)
-    commands.add_parser("binaries", help="build (if needed) and print the control-plane binaries")
+    load_image = commands.add_parser("load-image", help="import image archives (OCI or docker, e.g. from "
+                                                        "podman save) into the local node's containerd")
+    load_image.add_argument("--state-dir", type=pathlib.Path, required=True)
+    load_image.add_argument("archives", type=pathlib.Path, nargs="+", metavar="ARCHIVE")
+    binaries_command = commands.add_parser("binaries", help="build (if needed) and print the control-plane binaries")
+    binaries_command.add_argument("--node", action="store_true",
+                                  help="the local node's binaries and pause image instead")
     sample = commands.add_parser("samples", help="write sample artifacts (a text file, a PE, a JAR) to sign")
     sample.add_argument("--out", type=pathlib.Path, required=True)
     args = parser.parse_args(argv)
@@ -48,7 +67,20 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if args.command == "binaries":
+            if args.node:
+                found = binaries.ensure_node(log=log)
+                for name, path in vars(found).items():
+                    print(f"{name}={path}")
+                print(f"pause_image={pause.ensure_image(log=log)}")
+                return 0
             return binaries.main()
+        if args.command == "load-image":
+            from keyroom.devenv import node
+
+            for archive in args.archives:
+                for name in node.load_image(args.state_dir, archive):
+                    print(name)
+            return 0
         if args.command == "samples":
             for path in samples.write(args.out):
                 print(path)
@@ -56,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "down":
             controlplane.down(args.state_dir, log=log)
             return 0
-        environment = controlplane.up(args.state_dir, operator=args.operator, signer=args.signer, log=log)
+        environment = controlplane.up(args.state_dir, operator=args.operator, signer=args.signer, node=args.node,
+                                      log=log)
         _print_usage(environment)
         if args.detach:
             return 0
@@ -69,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
             status = 0
         controlplane.down(environment.state_dir, log=log)
         return status
-    except (controlplane.DevEnvError, binaries.BinariesError) as error:
+    except (controlplane.DevEnvError, binaries.BinariesError, pause.ImageError) as error:
         log(f"error: {error}")
         return 1
 

@@ -7,6 +7,12 @@ policy and roles, creates the fixture identities and team namespaces, and
 writes one kubeconfig per identity into the state directory. ``down`` stops
 every process that ``up`` recorded in the state directory and nothing else.
 
+With ``node=True`` the API server also listens on the host's address and
+publishes it as the ``kubernetes`` Service, authorizes kubelets with the Node
+authorizer, the controller manager runs every default controller (Deployments,
+EndpointSlices, PersistentVolume binding, the ``kube-root-ca.crt`` publisher,
+...), and a local node (:mod:`keyroom.devenv.node`) joins, so that pods run.
+
 The state directory is the whole environment: ``state.json`` (what runs where),
 ``pki/``, ``etcd/``, ``logs/`` and the kubeconfigs. Tests, ``make dev`` and
 people all go through these two functions.
@@ -28,13 +34,16 @@ import subprocess
 import sys
 import time
 import urllib.request
-from typing import Callable, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable
 
 import yaml
 
 from keyroom.devenv import binaries as binaries_module
 from keyroom.devenv import fixtures, pki
 from keyroom.signer.client import SIGNER_AUDIENCE
+
+if TYPE_CHECKING:
+    from keyroom.devenv.node import NodeInfo
 
 STATE_FILE = "state.json"
 _START_TIMEOUT = 60.0
@@ -55,6 +64,7 @@ class Environment:
     server: str
     kubectl: pathlib.Path
     signer_url: str | None = None
+    node: NodeInfo | None = None
 
     def kubeconfig(self, identity: str = "admin") -> pathlib.Path:
         name = "kubeconfig" if identity == "admin" else f"kubeconfig-{identity}"
@@ -109,8 +119,13 @@ def load(state_dir: pathlib.Path) -> Environment:
     if state is None or not state.get("ready"):
         raise DevEnvError(f"no local control plane is running in {state_dir}; "
                           f"start one with: python -m keyroom.devenv up --state-dir {state_dir}")
+    node = None
+    if state.get("node", {}).get("ready"):
+        from keyroom.devenv.node import NodeInfo
+
+        node = NodeInfo.from_state(state["node"])
     return Environment(state_dir=state_dir, server=state["server"], kubectl=pathlib.Path(state["kubectl"]),
-                       signer_url=state.get("signer_url"))
+                       signer_url=state.get("signer_url"), node=node)
 
 
 # ---------------------------------------------------------------- processes
@@ -230,22 +245,40 @@ def _check_state_dir(state_dir: pathlib.Path) -> None:
                       f"python -m keyroom.devenv down --state-dir {state_dir}")
 
 
-def up(state_dir: pathlib.Path, *, operator: bool = True, signer: bool = True, log: Log = print) -> Environment:
-    """Start the local control plane in ``state_dir`` and return it once it is ready."""
+def up(state_dir: pathlib.Path, *, operator: bool = True, signer: bool = True, node: bool = False,
+       log: Log = print) -> Environment:
+    """Start the local control plane in ``state_dir`` and return it once it is ready; with ``node``, also
+    a local node, and return once that node is Ready."""
     state_dir = state_dir.resolve()
     _check_state_dir(state_dir)
     found = binaries_module.ensure(log=log)
+    node_ip = None
+    if node:
+        from keyroom.devenv import node as node_module
+        from keyroom.devenv import pause
+
+        node_module.check_host()
+        node_module.check_no_other_node(state_dir)
+        node_ip = node_module.host_ip()
+        binaries_module.ensure_node(log=log)  # built before anything starts: a first build takes minutes
+        pause.ensure_image(log=log)
     started = time.monotonic()
     state_dir.mkdir(parents=True, exist_ok=True)
     state: dict = {"processes": {}, "ready": False, "kubectl": str(found.kubectl)}
     _write_state(state_dir, state)
     supervisor = _Supervisor(state_dir, state)
     try:
-        environment = _start(supervisor, found, operator=operator, signer=signer, log=log)
+        environment = _start(supervisor, found, operator=operator, signer=signer, node_ip=node_ip, log=log)
     except BaseException:
+        if state.get("node"):
+            from keyroom.devenv import node as node_module
+
+            node_module.teardown(state_dir, state, log)
         _stop_processes(state["processes"], log)
         raise
     state.update(ready=True, server=environment.server, signer_url=environment.signer_url)
+    if environment.node is not None:
+        state["node"]["ready"] = True
     _write_state(state_dir, state)
     log(f"local control plane up in {time.monotonic() - started:.1f}s (Kubernetes "
         f"{binaries_module.pinned_versions()['kubernetes']}, state in {state_dir})")
@@ -253,13 +286,20 @@ def up(state_dir: pathlib.Path, *, operator: bool = True, signer: bool = True, l
 
 
 def _start(supervisor: _Supervisor, found: binaries_module.Binaries, *, operator: bool, signer: bool,
-           log: Log) -> Environment:
+           node_ip: str | None, log: Log) -> Environment:
     state_dir = supervisor.state_dir
     pki_dir = state_dir / "pki"
     pki_dir.mkdir(exist_ok=True)
     ca = pki.CertificateAuthority()
     (pki_dir / "ca.crt").write_bytes(ca.cert_pem)
-    serving = ca.issue(common_name="kube-apiserver", server_hosts=("127.0.0.1", "localhost", "kubernetes.default.svc"))
+    hosts = ("127.0.0.1", "localhost", "kubernetes.default.svc")
+    if node_ip:
+        from keyroom.devenv import node as node_module
+
+        hosts += (node_ip, node_module.KUBERNETES_SERVICE_IP, "kubernetes", "kubernetes.default",
+                  f"kubernetes.default.svc.{node_module.CLUSTER_DOMAIN}")
+        node_module.issue_control_plane_certificates(ca, pki_dir)
+    serving = ca.issue(common_name="kube-apiserver", server_hosts=hosts)
     (pki_dir / "apiserver.crt").write_bytes(serving.cert_pem)
     pki.write_secret(pki_dir / "apiserver.key", serving.key_pem)
     sa_private, sa_public = pki.write_service_account_key_pair(pki_dir)
@@ -280,14 +320,26 @@ def _start(supervisor: _Supervisor, found: binaries_module.Binaries, *, operator
     server = f"https://127.0.0.1:{api_port}"
     admin = ca.issue(common_name="keyroom-admin", organizations=("system:masters",))
     write_kubeconfig(state_dir / "kubeconfig", server=server, ca_pem=ca.cert_pem, user="admin", client=admin)
+    if node_ip:
+        # Pods reach the API server on the host's address, through the kubernetes Service; kubelets are
+        # authorized as nodes, and the API server calls theirs (logs, exec) with its own client certificate.
+        addresses = ["--bind-address=0.0.0.0", f"--advertise-address={node_ip}"]
+        authorization = ["--authorization-mode=Node,RBAC", "--enable-admission-plugins=NodeRestriction",
+                         f"--kubelet-client-certificate={pki_dir / 'apiserver-kubelet-client.crt'}",
+                         f"--kubelet-client-key={pki_dir / 'apiserver-kubelet-client.key'}",
+                         f"--kubelet-certificate-authority={pki_dir / 'ca.crt'}",
+                         "--kubelet-preferred-address-types=InternalIP,Hostname"]
+    else:
+        addresses = ["--bind-address=127.0.0.1", "--advertise-address=127.0.0.1",
+                     "--endpoint-reconciler-type=none"]  # loopback may not be published as the kubernetes Service
+        authorization = ["--authorization-mode=RBAC"]
     apiserver = supervisor.spawn("kube-apiserver", [
         str(found.kube_apiserver),
         f"--etcd-servers={etcd_url}", f"--etcd-prefix=/keyroom-{api_port}",
-        "--bind-address=127.0.0.1", "--advertise-address=127.0.0.1", f"--secure-port={api_port}",
-        "--endpoint-reconciler-type=none",  # loopback may not be published as the kubernetes Service
+        *addresses, f"--secure-port={api_port}",
         f"--tls-cert-file={pki_dir / 'apiserver.crt'}", f"--tls-private-key-file={pki_dir / 'apiserver.key'}",
         f"--client-ca-file={pki_dir / 'ca.crt'}",
-        "--authorization-mode=RBAC",
+        *authorization,
         f"--service-account-issuer={server}", f"--service-account-key-file={sa_public}",
         f"--service-account-signing-key-file={sa_private}", "--api-audiences=" + server,
         "--service-account-max-token-expiration=48h",
@@ -301,19 +353,30 @@ def _start(supervisor: _Supervisor, found: binaries_module.Binaries, *, operator
                           lambda: urllib.request.urlopen(f"{server}/readyz", context=context, timeout=2).status == 200,
                           what="ready")
 
+    if node_ip:
+        # what pods need: Deployments and ReplicaSets, EndpointSlices, PersistentVolume binding,
+        # kube-root-ca.crt in every namespace, the node lifecycle (the not-ready taint), ...
+        controllers = ["--controllers=*", f"--root-ca-file={pki_dir / 'ca.crt'}"]
+    else:
+        # clusterrole-aggregation fills the built-in admin/edit/view roles, as in any real cluster (RBAC tests
+        # check that keyroom's roles are not aggregated into them)
+        controllers = ["--controllers=garbagecollector,namespace,serviceaccount,clusterrole-aggregation-controller"]
     kcm = supervisor.spawn("kube-controller-manager", [
         str(found.kube_controller_manager), f"--kubeconfig={state_dir / 'kubeconfig'}",
         f"--authentication-kubeconfig={state_dir / 'kubeconfig'}",
         f"--authorization-kubeconfig={state_dir / 'kubeconfig'}",
-        # clusterrole-aggregation fills the built-in admin/edit/view roles, as in any real cluster (RBAC tests
-        # check that keyroom's roles are not aggregated into them)
-        "--controllers=garbagecollector,namespace,serviceaccount,clusterrole-aggregation-controller",
+        *controllers,
         "--leader-elect=false", "--bind-address=127.0.0.1", f"--secure-port={kcm_port}", "--v=1",
     ])
     environment = Environment(state_dir=state_dir, server=server, kubectl=found.kubectl)
     install(environment)
     _write_identity_kubeconfigs(environment, ca)
     supervisor.wait_until("kube-controller-manager", kcm, lambda: True, what="running", timeout=1)
+    if node_ip:
+        from keyroom.devenv import node as node_module
+
+        environment = dataclasses.replace(
+            environment, node=node_module.start(environment, supervisor, ca, node_ip=node_ip, log=log))
     if signer:
         environment = dataclasses.replace(environment, signer_url=_start_signer(environment, supervisor, ca))
     if operator:
@@ -468,10 +531,19 @@ def down(state_dir: pathlib.Path, *, log: Log = print) -> None:
             raise DevEnvError(f"{state_dir} holds no keyroom environment (no {STATE_FILE}); nothing to stop")
         log(f"nothing runs in {state_dir}")
         return
+    problems: list[str] = []
+    if state.get("node"):
+        from keyroom.devenv import node as node_module
+
+        problems = node_module.teardown(state_dir, state, log)
     _stop_processes(state.get("processes", {}), log)
     left = [name for name, process in state.get("processes", {}).items() if _alive(process)]
     if left:
         raise DevEnvError(f"could not stop: {', '.join(left)}")
+    if problems:
+        _write_state(state_dir, state)
+        raise DevEnvError(f"{state_dir} stays: {'; '.join(problems)}. Fix that, then run: "
+                          f"python -m keyroom.devenv down --state-dir {state_dir}")
     shutil.rmtree(state_dir)
     log(f"stopped and removed {state_dir}")
 
