@@ -455,8 +455,8 @@ def issue_control_plane_certificates(ca: pki.CertificateAuthority, pki_dir: path
            organizations=("system:masters",))
 
 
-def start(environment: controlplane.Environment, supervisor, ca: pki.CertificateAuthority, *, node_ip: str,
-          log: Log = print) -> NodeInfo:
+def start(environment: controlplane.Environment, supervisor: controlplane._Supervisor,
+          ca: pki.CertificateAuthority, *, node_ip: str, log: Log = print) -> NodeInfo:
     """Start containerd, the kubelet, kube-proxy, kube-scheduler and CoreDNS; return once the node is Ready."""
     tools = check_host()
     found = binaries_module.ensure_node(log=log)
