@@ -5,7 +5,7 @@ STATE_DIR ?= .dev
 PY := $(VENV)/bin/python
 KUBECTL = $(shell $(PY) -m keyroom.devenv binaries | sed -n 's/^kubectl=//p')
 
-.PHONY: help venv binaries test unit integration crds dev dev-down bench clean mutation
+.PHONY: help venv binaries test unit integration crds dev dev-down bench clean mutation images e2e e2e-kind
 
 help:
 	@echo "make dev        start a local keyroom (control plane + operator) in $(STATE_DIR)/ and show it working"
@@ -13,6 +13,9 @@ help:
 	@echo "make test       unit and integration tests against a real kube-apiserver and etcd"
 	@echo "make unit       unit tests only (no cluster)"
 	@echo "make crds       regenerate crds/ from operator/keyroom/api"
+	@echo "make images     build the operator and signer images with podman (root; the Debian base is made locally)"
+	@echo "make e2e        the chart's pods on a local node (kubelet, containerd): install, sign, restart, kill (root)"
+	@echo "make e2e-kind   the same images, chart and flow on kind (needs Docker and kind)"
 	@echo "make bench      measure the signer and SignRequests end to end (figures as ratios to raw python-pkcs11)"
 	@echo "make mutation   mutation-test the guards (policy, the signer's requests, keys, audit log, service) with mutmut"
 
@@ -36,6 +39,19 @@ unit: venv
 
 integration: venv binaries
 	$(PY) -m pytest -ra tests/integration
+
+images: venv
+	$(PY) -m keyroom.devenv.images build
+
+# The end-to-end flow on a local node: needs root (containerd, runc and the kubelet run rootful) and builds the
+# node's binaries and the images on a first run. KEYROOM_E2E=1 lets the tests in tests/e2e run.
+e2e: venv binaries
+	KEYROOM_E2E=1 $(PY) -m pytest -ra -p no:cacheprovider -o log_cli=false -s tests/e2e
+
+# The same images, chart and flow on kind, for machines with Docker and kind (images built by Docker from the
+# same Dockerfile, loaded with `kind load`; the cluster keyroom-e2e is deleted afterwards).
+e2e-kind: venv
+	KEYROOM_E2E=1 KEYROOM_E2E_CLUSTER=kind $(PY) -m pytest -ra -p no:cacheprovider -s tests/e2e/test_flow.py
 
 crds: venv
 	$(PY) -m keyroom.api.generate crds
