@@ -48,5 +48,24 @@ def merge(existing: Iterable[dict] | None, updates: Iterable[dict], *, now: str 
     return list(by_type.values())
 
 
+def first_status(*, generation: int, message: str, now: str | None = None) -> dict:
+    """The status an object gets as soon as the operator sees it, before any work on it is done.
+
+    Without it, an object that never got a status (the first moments of every
+    object, or one whose reconcile keeps failing before it writes anything)
+    would read as Current, i.e. healthy, to kstatus, Flux and Argo CD: they
+    judge an object without conditions or observedGeneration as finished.
+    """
+    return {"observedGeneration": generation, "conditions": merge([], [
+        condition("Reconciling", True, "Reconciling", message, generation=generation),
+        condition("Ready", False, "Reconciling", message, generation=generation),
+    ], now=now)}
+
+
+def needs_first_status(status: dict | None) -> bool:
+    """Whether an object has no status written by the operator yet."""
+    return not (status or {}).get("conditions")
+
+
 def find(conditions: Iterable[dict] | None, type: str) -> dict | None:
     return next((c for c in conditions or () if c.get("type") == type), None)

@@ -256,3 +256,39 @@ def test_status_patch_sends_only_changes_and_removes_stale_fields():
     desired = {"phase": "Active"}
     assert sk.status_patch(current, desired) == {"phase": "Active", "nextWindowAt": None}
     assert sk.status_patch(desired, desired) is None
+
+
+def _kstatus_view(status: dict) -> tuple[str, str, bool, bool]:
+    """(phase, Ready status/reason, Reconciling present, Stalled present): what GitOps tools judge."""
+    ready = conditions.find(status["conditions"], "Ready")
+    return (status["phase"], f"{ready['status']}/{ready['reason']}",
+            conditions.find(status["conditions"], "Reconciling") is not None,
+            conditions.find(status["conditions"], "Stalled") is not None)
+
+
+def test_a_consumed_one_time_key_is_finished_and_ready_not_pending():
+    consumed = mirrored(v(1, "PendingDestruction", scheduled_at=NOW, destruction_reason="Consumed"))
+    consumed["consumedBy"] = "sr-1"
+    status = sk.desired_status(spec={"usage": "OneTime"}, status={}, record=consumed, generation=1, at=NOW)
+    assert _kstatus_view(status) == ("Consumed", "True/Consumed", False, False)
+    assert status["online"] is False and "signs nothing more" in status["message"]
+    assert conditions.find(status["conditions"], "Online")["status"] == "False"
+
+
+def test_a_destroyed_key_is_finished_and_ready():
+    status = sk.desired_status(spec={}, status={}, record=mirrored(v(1, "Destroyed")), generation=1, at=NOW)
+    assert _kstatus_view(status) == ("Destroyed", "True/Destroyed", False, False)
+
+
+def test_a_key_without_a_version_yet_is_pending_and_not_ready():
+    status = sk.desired_status(spec={}, status={}, record=mirrored(), generation=1, at=NOW)
+    assert _kstatus_view(status) == ("Pending", "False/Generating", False, False)
+
+
+def test_an_object_seen_for_the_first_time_is_reconciling_not_ready():
+    first = conditions.first_status(generation=3, message="working", now="2026-12-01T12:00:00Z")
+    assert first["observedGeneration"] == 3
+    assert [(c["type"], c["status"], c["observedGeneration"]) for c in first["conditions"]] == [
+        ("Reconciling", "True", 3), ("Ready", "False", 3)]
+    assert conditions.needs_first_status(None) and conditions.needs_first_status({"phase": "Pending"})
+    assert not conditions.needs_first_status(first)

@@ -14,7 +14,7 @@ from keyroom.api.schema import (
 
 ALGORITHMS = ["ECDSA_P256", "ECDSA_P384", "RSA_3072", "RSA_4096"]
 USAGES = ["Reusable", "OneTime"]
-PHASES = ["Pending", "Active", "Offline", "Destroyed", "Failed"]
+PHASES = ["Pending", "Active", "Offline", "Consumed", "Destroyed", "Failed"]
 VERSION_STATES = ["Enabled", "Disabled", "PendingDestruction", "Destroyed"]
 DELETION_POLICIES = ["Destroy", "Retain"]
 CONDITION_TYPES = ["Ready", "Online", "Reconciling", "Stalled"]
@@ -111,7 +111,8 @@ KIND = Kind(
     description="A signing key pair generated and kept inside the HSM; only its public key leaves it.",
     spec=SPEC,
     status_properties={
-        "phase": string("Pending, Active, Offline, Destroyed or Failed.", enum=PHASES),
+        "phase": string("Pending, Active, Offline, Consumed (a OneTime key that signed its request; its version awaits "
+                        "destruction), Destroyed or Failed. Consumed and Destroyed are final.", enum=PHASES),
         "currentVersion": integer("The version that signs now.", minimum=0),
         "versions": array("Every version of the key, newest first.", _version, max_items=128,
                           list_type="map", map_keys=["version"]),

@@ -275,6 +275,7 @@ async def keep_certificate(body: kopf.Body, memo: kopf.Memo, stopped: kopf.Daemo
     wakeup = asyncio.Event()
     registry = memo.setdefault("certificates", {})
     registry[place] = (wakeup, body["spec"], _seen(body))
+    await daemon.write_first_status(plural="certificates", body=body, message="asking the signer for the certificate")
     backoff = 1.0
     try:
         while not stopped:

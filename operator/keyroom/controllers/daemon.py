@@ -5,6 +5,9 @@ import asyncio
 
 import kopf
 
+from keyroom import conditions
+from keyroom.controllers import kube
+
 
 async def sleep(stopped: kopf.DaemonStopped, wakeup: asyncio.Event, seconds: float | None) -> None:
     """Sleep ``seconds`` (None: until woken), or less when the daemon is stopped or ``wakeup`` is set."""
@@ -14,3 +17,11 @@ async def sleep(stopped: kopf.DaemonStopped, wakeup: asyncio.Event, seconds: flo
     finally:
         for waiter in waiters:
             waiter.cancel()
+
+
+async def write_first_status(*, plural: str, body: kopf.Body, message: str) -> None:
+    """Mark an object as being reconciled before anything else happens to it (see conditions.first_status)."""
+    if conditions.needs_first_status(body.get("status")):
+        meta = body["metadata"]
+        await kube.patch_status(plural=plural, namespace=meta["namespace"], name=meta["name"],
+                                status=conditions.first_status(generation=meta["generation"], message=message))

@@ -68,6 +68,8 @@ def desired_status(*, spec: Mapping, status: Mapping, record: Mapping | None, ge
                                   "rotate the key (annotate keyroom.dev/rotate) to generate a new version")
     if destroyed:
         phase = "Destroyed"
+    elif current is None and consumed_by and error is None:
+        phase = "Consumed"
     elif current is None and error is not None and error.reason in _STALLING:
         phase = "Failed"
     elif current is None:
@@ -85,13 +87,17 @@ def desired_status(*, spec: Mapping, status: Mapping, record: Mapping | None, ge
     else:
         updates += [conditions.condition("Stalled", False, "Reconciled", "", generation=generation),
                     conditions.condition("Reconciling", False, "Reconciled", "", generation=generation)]
+        # A finished key is Ready (kstatus Current): it reached the end its spec asked for and nothing more
+        # will happen to it. Ready False here would read as "in progress" forever and no GitOps wait would
+        # end. That it signs nothing any more is what phase, reason and the Online condition say.
         if destroyed:
-            ready = conditions.condition("Ready", False, "Destroyed", "every version was destroyed in the HSM",
+            ready = conditions.condition("Ready", True, "Destroyed",
+                                         "every version was destroyed in the HSM; the key signs nothing more",
                                          generation=generation)
         elif current is None and consumed_by:
-            ready = conditions.condition("Ready", False, "Consumed",
-                                         f"this OneTime key signed {consumed_by} and is retired",
-                                         generation=generation)
+            ready = conditions.condition("Ready", True, "Consumed",
+                                         f"this OneTime key signed {consumed_by} and is retired; it signs nothing "
+                                         "more", generation=generation)
         elif current is None:
             ready = conditions.condition("Ready", False, "Generating", "generating the key pair in the HSM",
                                          generation=generation)
@@ -127,7 +133,7 @@ def desired_status(*, spec: Mapping, status: Mapping, record: Mapping | None, ge
         "nextRotationAt": schedule.format_time(rotation_at) if rotation_at else None,
         "nextWindowAt": (schedule.format_time(availability.next_open)
                          if current and not online and availability.next_open else None),
-        "message": ready["message"] if not ready["status"] == "True" else online_message,
+        "message": online_message if ready["reason"] == "KeyAvailable" else ready["message"],
         "conditions": conditions.merge(status.get("conditions"), updates, now=schedule.format_time(at)),
         "lastRotationRequest": (record or {}).get("lastRotationRequest") or status.get("lastRotationRequest"),
         "consumedBy": consumed_by,
@@ -205,6 +211,7 @@ async def reconcile(*, body: Mapping, signer: SignerClient | None, at: datetime.
 async def keep_signing_key(body: kopf.Body, memo: kopf.Memo, stopped: kopf.DaemonStopped,
                            logger: Any, **_: Any) -> None:
     wakeup = memo.setdefault("wakeup", asyncio.Event())
+    await daemon.write_first_status(plural="signingkeys", body=body, message="asking the signer for the key's record")
     backoff = 1.0
     while not stopped:
         wakeup.clear()
