@@ -54,6 +54,8 @@ def test_a_revoked_certificate_is_not_ready_and_says_since_when():
     assert conditions_of(status)["Ready"] == ("False", "Revoked")
     assert conditions_of(status)["Revoked"] == ("True", "Revoked")
     assert status["revokedAt"] == "2026-11-01T00:00:00Z" and "keyCompromise" in status["message"]
+    # final, so that kstatus, Flux and Argo CD report it as failed instead of waiting for it forever
+    assert conditions_of(status)["Stalled"] == ("True", "Revoked") and "Reconciling" not in conditions_of(status)
 
 
 def test_an_expired_certificate_is_expired_and_not_ready():

@@ -70,6 +70,11 @@ def desired_status(*, spec: Mapping, status: Mapping, record: Mapping | None, ge
         message = f"{error} ({error.reason})"
         updates += [conditions.condition("Stalled", stalled, error.reason, message, generation=generation),
                     conditions.condition("Reconciling", not stalled, error.reason, message, generation=generation)]
+    elif revoked:
+        # final: nothing will make a revoked certificate usable again, so GitOps tools must not wait for it
+        message = f"revoked ({revoked.get('reason', 'unspecified')}) since {revoked['since']}"
+        updates += [conditions.condition("Stalled", True, "Revoked", message, generation=generation),
+                    conditions.condition("Reconciling", False, "Revoked", "", generation=generation)]
     else:
         updates += [conditions.condition("Stalled", False, "Reconciled", "", generation=generation),
                     conditions.condition("Reconciling", False, "Reconciled", "", generation=generation)]
