@@ -155,3 +155,25 @@ def attach_signature(data: bytes, pkcs7_der: bytes, *, replace: bool = False) ->
     struct.pack_into("<II", signed, layout.security_directory_offset, len(base), len(table))
     struct.pack_into("<I", signed, layout.checksum_offset, checksum(signed))
     return bytes(signed)
+
+
+def embedded_signature(data: bytes) -> bytes | None:
+    """The PKCS#7 of the first WIN_CERTIFICATE in the file's certificate table, None for an unsigned file.
+
+    Only a revision 2.0 PKCS_SIGNED_DATA entry is taken; anything else in the
+    table is refused, since a verifier that skipped it would check less than
+    Windows reads.
+    """
+    layout = _layout(data)
+    if layout.certificate_table is None:
+        return None
+    offset, size = layout.certificate_table
+    length, revision, kind = struct.unpack_from("<IHH", data, offset)
+    if length < 8 or length > size:
+        raise PEError(f"the certificate table's first entry claims {length} bytes of {size}; the file is damaged")
+    if revision != _WIN_CERT_REVISION_2_0 or kind != _WIN_CERT_TYPE_PKCS_SIGNED_DATA:
+        raise PEError(f"the certificate table holds a WIN_CERTIFICATE of revision 0x{revision:x}, type 0x{kind:x}; "
+                      "only an Authenticode PKCS#7 (revision 2.0, type 2) is verified")
+    if size - length >= 8 + _ALIGNMENT:
+        raise PEError("the certificate table holds more than one signature; only one is verified, so none is")
+    return bytes(data[offset + 8:offset + length])
