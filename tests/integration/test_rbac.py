@@ -66,7 +66,9 @@ def test_nobody_but_the_operator_writes_status(cluster):
 def test_alice_reads_and_requests_in_her_team(cluster):
     assert can_i(cluster, "alice", "list", "signingkeys.keyroom.dev", "team-a")
     assert can_i(cluster, "alice", "create", "signrequests.keyroom.dev", "team-a")
-    assert not can_i(cluster, "alice", "patch", "signrequests.keyroom.dev", "team-a")
+    assert can_i(cluster, "alice", "patch", "signrequests.keyroom.dev", "team-a")  # kubectl apply, GitOps
+    assert not can_i(cluster, "alice", "update", "signrequests.keyroom.dev", "team-a")
+    assert not can_i(cluster, "alice", "delete", "signrequests.keyroom.dev", "team-a")
     result = kubectl(cluster, "get", "keyroom", "-n", "team-a", identity="alice")
     assert result.returncode == 0, result.stderr
 

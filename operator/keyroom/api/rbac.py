@@ -4,7 +4,11 @@ People get ClusterRoles through RoleBindings in their team's namespace, so a
 role never reaches beyond the namespaces it is bound in:
 
 - ``keyroom-viewer``: read the four kinds.
-- ``keyroom-requester``: read, and create SignRequests.
+- ``keyroom-requester``: read, and create and patch SignRequests. Patch is what
+  ``kubectl apply`` (client-side and ``--server-side``) and GitOps tools send;
+  the CRD makes spec immutable and the admission policy lets an update append
+  only the caller's own approval (which separation of duties never counts for
+  the requester) and no attestation, so patch adds no power over a request.
 - ``keyroom-approver``: read, and patch SignRequests (the admission policy lets
   an update do nothing but append the caller's own approval).
 - ``keyroom-builder``: get, patch and ``attest`` SignRequests, nothing else:
@@ -93,8 +97,8 @@ def cluster_roles() -> list[dict]:
     read_all = _keyroom(KINDS, READ)
     return [
         _role("keyroom-viewer", [read_all], "Read keyroom objects."),
-        _role("keyroom-requester", [read_all, _keyroom(["signrequests"], ["create"])],
-              "Read keyroom objects and request signatures."),
+        _role("keyroom-requester", [read_all, _keyroom(["signrequests"], ["create", "patch"])],
+              "Read keyroom objects and request signatures (also with kubectl apply, server-side or not)."),
         _role("keyroom-approver", [read_all, _keyroom(["signrequests"], ["patch", "update"])],
               "Read keyroom objects and append one's own approval or denial to SignRequests."),
         _role("keyroom-builder", [_keyroom(["signrequests"], ["get", "patch", ATTEST_VERB])],
