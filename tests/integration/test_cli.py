@@ -123,8 +123,12 @@ def test_a_requester_cannot_approve_their_own_request(cluster, key, unique, tmp_
     created = keyroom(cluster, "alice", "sign", str(artifact), "--key", key, "--no-wait")
     assert created.returncode == 0, created.stderr
     name = created.stdout.strip()
-    refused = keyroom(cluster, "alice", "approve", name)  # the requester role may not patch at all
-    assert refused.returncode == 1 and "cannot patch" in refused.stderr.splitlines()[-1]
+    # the requester role may patch (kubectl apply works), so alice's own entry is appended but never counted
+    own = keyroom(cluster, "alice", "approve", name)
+    assert own.returncode == 0, own.stderr
+    assert f"approved team-a/{name} as alice (0/1; not counted: a requester cannot" in own.stdout
+    refused = keyroom(cluster, "dave", "approve", name)  # team-b's developer may not touch team-a's requests
+    assert refused.returncode == 1 and "forbidden" in refused.stderr.splitlines()[-1]
 
     # One who may both request and approve appends the entry, but it does not count (separation of duties).
     both = make_key(cluster, unique("cli-both"), requesters={"users": ["keyroom-admin"]},

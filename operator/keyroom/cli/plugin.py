@@ -8,41 +8,45 @@ the API server's admission policy expects.
 """
 from __future__ import annotations
 
-import argparse
 import base64
 import datetime
 import hashlib
-import json
 import os
 import pathlib
 import sys
 import time
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
+import click
 import kubernetes
 
 from keyroom import policy
 from keyroom.cli import jar, pe
+from keyroom.cli.common import (ERROR, GROUP, INTERRUPTED, OK, USAGE_OR_TIMEOUT, VERSION, CliError, Cluster,
+                                api_error, emit, note, output_option, progress, render_table, with_target)
 from keyroom.signer.formats import FormatError
 from keyroom.signer.formats import jar as jar_format
 
-GROUP, VERSION, PLURAL = "keyroom.dev", "v1alpha1", "signrequests"
+PLURAL = "signrequests"
 ROTATE_ANNOTATION = f"{GROUP}/rotate"
 FINAL = ("Signed", "Denied", "Expired", "Failed")
 MAX_FILES = 500
-
-
-class CliError(Exception):
-    """An expected failure: printed as one line, exit status 1."""
+#: digests of one request whose signatures embed a certificate chain (the API's limit for cms, authenticode, jar)
+MAX_CERTIFICATE_DIGESTS = 100
+CERTIFICATE_FORMATS = ("cms", "authenticode", "jar")
+_note = note
 
 
 # ---------------------------------------------------------------- pure parts
 
-def file_digest(path: pathlib.Path, algorithm: str = "SHA256") -> str:
+def file_digest(path: pathlib.Path, algorithm: str = "SHA256",
+                advance: Callable[[int], None] | None = None) -> str:
     digest = hashlib.new(algorithm.lower())
     with open(path, "rb") as stream:
         for chunk in iter(lambda: stream.read(1 << 20), b""):
             digest.update(chunk)
+            if advance is not None:
+                advance(len(chunk))
     return digest.hexdigest()
 
 
@@ -50,7 +54,8 @@ def file_digest(path: pathlib.Path, algorithm: str = "SHA256") -> str:
 FORMAT_OUTPUTS = {"raw": ".sig", "cms": ".p7s", "sigstore": ".sigstore.json", "authenticode": None, "jar": None}
 
 
-def format_digest(path: pathlib.Path, fmt: str, algorithm: str) -> tuple[str, bytes | None]:
+def format_digest(path: pathlib.Path, fmt: str, algorithm: str,
+                  advance: Callable[[int], None] | None = None) -> tuple[str, bytes | None]:
     """(the digest the request carries for ``path`` in ``fmt``, the JAR manifest for jar)."""
     try:
         if fmt == "authenticode":
@@ -60,12 +65,13 @@ def format_digest(path: pathlib.Path, fmt: str, algorithm: str) -> tuple[str, by
             return hashlib.new(algorithm.lower(), manifest).hexdigest(), manifest
     except (pe.PEError, jar.JarError) as error:
         raise CliError(f"{path}: {error}") from None
-    return file_digest(path, algorithm), None
+    return file_digest(path, algorithm, advance), None
 
 
 def sign_request_body(files: list[pathlib.Path], *, key: str, namespace: str, identity: dict, reason: str = "",
                       algorithm: str = "SHA256", fmt: str = "raw", name: str | None = None,
-                      certificate: str | None = None) -> dict:
+                      certificate: str | None = None, advance: Callable[[int], None] | None = None,
+                      hashing: Callable[[pathlib.Path], None] | None = None) -> dict:
     """The SignRequest for ``files``: one digest per file, named by its base name.
 
     authenticode digests are Authenticode digests of PE files; jar signs one
@@ -89,7 +95,9 @@ def sign_request_body(files: list[pathlib.Path], *, key: str, namespace: str, id
         metadata["generateName"] = f"{key}-"
     digests, manifest = [], None
     for path in files:
-        value, manifest = format_digest(path, fmt, algorithm)
+        if hashing is not None:
+            hashing(path)
+        value, manifest = format_digest(path, fmt, algorithm, advance)
         digests.append({"name": path.name, "value": value})
     spec = {"keyRef": {"name": key}, "requester": identity, "format": fmt, "digestAlgorithm": algorithm,
             "digests": digests}
@@ -210,6 +218,8 @@ def describe(body: dict) -> str:
              f"  requester:  {spec['requester']['username']}",
              f"  key:        {spec['keyRef']['name']}" + (f" version {status['keyVersion']}" if status.get("keyVersion") else ""),
              f"  reason:     {spec.get('reason', '')}",
+             f"  format:     {spec.get('format', 'raw')}, {len(spec['digests'])} digest(s) "
+             f"({spec.get('digestAlgorithm', 'SHA256')})",
              f"  approvals:  {status.get('approvalSummary', '')}"]
     for approval in status.get("approvals") or []:
         note = "counted" if approval.get("counted") else f"not counted: {approval.get('reason', '')}"
@@ -231,74 +241,91 @@ def describe(body: dict) -> str:
     return "\n".join(lines)
 
 
-# ---------------------------------------------------------------- the API
-
-class Cluster:
-    def __init__(self, args: argparse.Namespace) -> None:
-        default_namespace = _load_config(args.kubeconfig, args.context)
-        self.namespace = args.namespace or default_namespace
-        self.custom = kubernetes.client.CustomObjectsApi()
-        self.auth = kubernetes.client.AuthenticationV1Api()
-
-    def whoami(self) -> dict:
-        review = self.auth.create_self_subject_review(kubernetes.client.V1SelfSubjectReview())
-        user = review.status.user_info
-        return {"username": user.username, "groups": list(user.groups or [])}
-
-    def get(self, name: str) -> dict:
-        return self.custom.get_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, name)
-
-
-_SERVICE_ACCOUNT = pathlib.Path("/var/run/secrets/kubernetes.io/serviceaccount")
+def expand_inputs(paths: Iterable[pathlib.Path]) -> list[pathlib.Path]:
+    """Files as given, and each directory's regular files (recursively, sorted), without earlier signature files."""
+    suffixes = tuple(s for s in FORMAT_OUTPUTS.values() if s)
+    found: list[pathlib.Path] = []
+    for path in paths:
+        if path.is_dir():
+            inside = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.endswith(suffixes))
+            if not inside:
+                raise CliError(f"{path} holds no file to sign")
+            found.extend(inside)
+        elif path.is_file():
+            found.append(path)
+        else:
+            raise CliError(f"{path} is not a readable file")
+    return found
 
 
-def _load_config(kubeconfig: str | None, context: str | None) -> str:
-    """Load the kubeconfig (or, inside a pod without one, the pod's own credentials); return the default namespace."""
-    try:
-        kubernetes.config.load_kube_config(config_file=kubeconfig, context=context)
-    except kubernetes.config.ConfigException as error:
-        if kubeconfig or context or not (_SERVICE_ACCOUNT / "token").exists():
-            where = kubeconfig or "$KUBECONFIG or ~/.kube/config"
-            raise CliError(f"cannot load a kubeconfig from {where}: {error}") from None
-        kubernetes.config.load_incluster_config()
-        return (_SERVICE_ACCOUNT / "namespace").read_text().strip()
-    contexts, active = kubernetes.config.list_kube_config_contexts(config_file=kubeconfig)
-    chosen = next((c for c in contexts if c["name"] == context), active) if context else active
-    return ((chosen or {}).get("context") or {}).get("namespace") or "default"
+def digest_limit(policies: list[dict], *, key: dict | None, fmt: str) -> int:
+    """The most digests one request for ``key`` may carry: every selecting policy's maxDigestsPerRequest and the
+    API's own limits (fewer for the formats that embed a certificate chain)."""
+    limit = MAX_CERTIFICATE_DIGESTS if fmt in CERTIFICATE_FORMATS else MAX_FILES
+    if key is not None:
+        meta = key["metadata"]
+        for item in policies:
+            spec = item.get("spec") or {}
+            if policy.policy_selects(spec, key_name=meta["name"], key_labels=meta.get("labels")):
+                limit = min(limit, int(spec.get("maxDigestsPerRequest") or MAX_FILES))
+    return limit
 
 
-def _api_error(error: kubernetes.client.ApiException) -> CliError:
-    try:
-        message = json.loads(error.body)["message"]
-    except (TypeError, ValueError, KeyError):
-        message = error.reason
-    return CliError(message)
+def batches(files: list[pathlib.Path], limit: int) -> list[list[pathlib.Path]]:
+    """``files`` in requests of at most ``limit`` digests each, in order."""
+    return [files[start:start + limit] for start in range(0, len(files), limit)] or [[]]
 
 
-def _note(message: str) -> None:
-    print(message, file=sys.stderr)
+def waiting_line(body: dict) -> str:
+    """What a waiting requester reads: what the request waits for, in the operator's words."""
+    status = body.get("status") or {}
+    meta = body["metadata"]
+    line = f"{meta['namespace']}/{meta['name']}: {status.get('phase', 'Pending')}"
+    if status.get("message"):
+        line += f": {status['message']}"
+    return line
 
 
-# ---------------------------------------------------------------- verbs
+def decision_summary(bodies: list[dict], decision: str) -> str:
+    """What a batch of approvals or denials covers: requests, digests, keys, requesters, formats."""
+    digests = sum(len(b["spec"]["digests"]) for b in bodies)
+    keys = sorted({b["spec"]["keyRef"]["name"] for b in bodies})
+    requesters = sorted({b["spec"]["requester"]["username"] for b in bodies})
+    formats = sorted({b["spec"].get("format", "raw") for b in bodies})
+    verb = "approving" if decision == "Approve" else "denying"
+    return (f"{verb} {len(bodies)} request(s), {digests} digest(s) in all; key(s) {', '.join(keys)}; "
+            f"requester(s) {', '.join(requesters)}; format(s) {', '.join(formats)}")
 
-def _versions(cluster: Cluster, body: dict, deadline: float) -> Iterator[dict]:
+
+def request_view(body: dict) -> dict:
+    """A SignRequest as ``-o json`` shows it: spec and status as the API server holds them."""
+    return {"namespace": body["metadata"]["namespace"], "name": body["metadata"]["name"],
+            "spec": body.get("spec") or {}, "status": body.get("status") or {}}
+
+
+# ---------------------------------------------------------------- following objects
+
+def _versions(cluster: Cluster, body: dict, deadline: float, plural: str = PLURAL) -> Iterator[dict]:
     """``body``, then each later version of it as the API server's watch delivers them, until ``deadline``."""
     yield body
     name, version = body["metadata"]["name"], body["metadata"]["resourceVersion"]
+    namespace = body["metadata"].get("namespace") or cluster.namespace
     while (remaining := deadline - time.monotonic()) > 0:
         try:
             for event in kubernetes.watch.Watch().stream(
-                    cluster.custom.list_namespaced_custom_object, GROUP, VERSION, cluster.namespace, PLURAL,
+                    cluster.custom.list_namespaced_custom_object, GROUP, VERSION, namespace, plural,
                     field_selector=f"metadata.name={name}", resource_version=version,
                     timeout_seconds=max(1, min(int(remaining), 60))):
                 if event["type"] == "DELETED":
                     raise CliError(f"{name} was deleted while waiting for it")
                 body, version = event["object"], event["object"]["metadata"]["resourceVersion"]
                 yield body
+                if time.monotonic() >= deadline:
+                    return
         except kubernetes.client.ApiException as error:
             if error.status != 410:  # 410: the watch fell behind; reading again catches up
                 raise
-            body = cluster.get(name)
+            body = cluster.custom.get_namespaced_custom_object(GROUP, VERSION, namespace, plural, name)
             version = body["metadata"]["resourceVersion"]
             yield body
 
@@ -316,39 +343,138 @@ def wait_final(cluster: Cluster, created: dict, timeout: float) -> dict:
     raise TimeoutError
 
 
-def cmd_sign(cluster: Cluster, args: argparse.Namespace) -> int:
-    files = [pathlib.Path(f) for f in args.files]
-    for path in files:
-        if not path.is_file():
-            raise CliError(f"{path} is not a readable file")
-    paths = signature_paths(files, pathlib.Path(args.out) if args.out else None, args.format, args.in_place)
-    body = sign_request_body(files, key=args.key, namespace=cluster.namespace, identity=cluster.whoami(),
-                             reason=args.reason, algorithm=args.digest, fmt=args.format, name=args.name,
-                             certificate=args.certificate)
-    created = cluster.custom.create_namespaced_custom_object(GROUP, VERSION, cluster.namespace, PLURAL, body)
-    name = created["metadata"]["name"]
-    print(name)
-    if not args.wait:
-        return 0
-    try:
-        body = wait_final(cluster, created, args.timeout)
-    except (TimeoutError, KeyboardInterrupt) as stopped:
-        when = "now" if isinstance(stopped, KeyboardInterrupt) else f"after {args.timeout:.0f}s"
-        _note(f"stopped waiting {when}; {name} stays, check it with: "
-              f"kubectl keyroom status {name} -n {cluster.namespace}")
-        return 2 if isinstance(stopped, TimeoutError) else 130
-    status = body["status"]
-    if status["phase"] != "Signed":
-        _note(f"{name}: {status['phase']}: {status.get('message', '')}")
-        return 1
-    manifest = base64.b64decode(body["spec"]["manifest"]) if body["spec"].get("manifest") else None
+def _counted(cluster: Cluster, body: dict, field: str, user: str, seconds: float = 3) -> dict | None:
+    """The operator's verdict on ``user``'s entry in ``status.<field>``, once it shows (within ``seconds``)."""
+    for version in _versions(cluster, body, time.monotonic() + seconds):
+        mine = [a for a in (version.get("status") or {}).get(field) or [] if a["user"] == user]
+        if mine:
+            return {"status": version["status"], "entry": mine[-1]}
+    return None
+
+
+# ---------------------------------------------------------------- verbs
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
+
+
+@click.group(name="kubectl keyroom", context_settings=CONTEXT)
+def cli() -> None:
+    """Code signing with keyroom: request, approve, verify and audit signatures.
+
+    \b
+    Requesters:  sign, status, get, whoami
+    Approvers:   pending, approve, deny
+    Builders:    attest
+    Verifiers:   export, verify  (verify needs no cluster)
+    Admins:      keys, rotate, audit show, audit verify, access, report
+    Anyone:      completion
+
+    \b
+    Exit codes: 0 done; 1 error (refused, not found, bad input, request Denied/Expired/Failed);
+    2 usage error or --wait timed out (the request stays); 3 not verified; 130 interrupted.
+    """
+
+
+@cli.command(context_settings=CONTEXT)
+@click.argument("files", nargs=-1, required=True, type=click.Path(path_type=pathlib.Path), metavar="FILE|DIR...")
+@click.option("--key", required=True, help="the SigningKey of the namespace")
+@click.option("--reason", default="", help="shown to approvers, e.g. 'release 1.4.2'")
+@click.option("--digest", default="SHA256", type=click.Choice(["SHA256", "SHA384", "SHA512"]), show_default=True)
+@click.option("--format", "fmt", default="raw", type=click.Choice(list(FORMAT_OUTPUTS)), show_default=True,
+              help="raw: FILE.sig; cms: FILE.p7s (detached CMS with the certificate chain); authenticode: a signed "
+                   "copy of the PE file; jar: a signed copy of the JAR; sigstore: FILE.sigstore.json")
+@click.option("--certificate", help="the Certificate cms, authenticode and jar embed (default: the key version's "
+                                    "valid certificate)")
+@click.option("--in-place", is_flag=True, help="authenticode, jar: replace the input (and an existing signature) "
+                                               "with the signed file")
+@click.option("--name", help="the SignRequest's name (default: generated from the key's); NAME-1, NAME-2... when "
+                             "the files are split over several requests")
+@click.option("--wait/--no-wait", default=True, show_default=True,
+              help="wait for the outcome and write the signatures")
+@click.option("--timeout", type=float, default=600, show_default=True, help="seconds to wait")
+@click.option("--out", type=click.Path(path_type=pathlib.Path),
+              help="write signatures into this directory instead of beside the files")
+@output_option
+@with_target
+def sign(files, key, reason, digest, fmt, certificate, in_place, name, wait, timeout, out, output, target) -> int:
+    """Hash FILEs (or every file in DIRs) locally and request their signatures.
+
+    Only digests travel. More files than one request may carry (the policy's
+    maxDigestsPerRequest; 100 for cms, authenticode and jar) are split over
+    several requests. With --wait (the default) it follows each request until
+    it is final and writes the signatures: FILE.sig (raw), FILE.p7s (cms),
+    FILE.sigstore.json (sigstore), or a signed copy (authenticode, jar; needs
+    --out DIR or --in-place).
+    """
+    files = expand_inputs(files)
+    paths = signature_paths(files, out, fmt, in_place)
+    cluster = target.cluster
+    limit = _digest_limit(cluster, key, fmt)
+    groups = batches(files, limit)
+    if len(groups) > 1:
+        _note(f"{len(files)} files exceed the {limit} digests one request for {key} may carry: "
+              f"splitting into {len(groups)} requests")
+    identity = cluster.whoami()
+    created = []
+    total = sum(f.stat().st_size for f in files)
+    with progress(total, len(files)) as bar:
+        task = bar.add_task("hashing", total=total, current="")
+        for number, group in enumerate(groups, 1):
+            group_name = f"{name}-{number}" if name and len(groups) > 1 else name
+            body = sign_request_body(group, key=key, namespace=cluster.namespace, identity=identity, reason=reason,
+                                     algorithm=digest, fmt=fmt, name=group_name, certificate=certificate,
+                                     advance=lambda n: bar.advance(task, n),
+                                     hashing=lambda p: bar.update(task, current=p.name))
+            created.append(cluster.custom.create_namespaced_custom_object(GROUP, VERSION, cluster.namespace,
+                                                                          PLURAL, body))
+            if output == "text":
+                print(created[-1]["metadata"]["name"])
+    names = [c["metadata"]["name"] for c in created]
+    if not wait:
+        emit([{"name": n, "namespace": cluster.namespace} for n in names], output, lambda: None)
+        return OK
+    _note(f"waiting up to {timeout:.0f}s for {', '.join(names)} in {cluster.namespace} to be signed; Ctrl-C stops "
+          "waiting, the request stays")
+    deadline = time.monotonic() + timeout
+    finals, code = [], OK
     sources = {f.name: f for f in files}
-    for signature in status["signatures"]:
-        path = paths[signature["name"]]
-        write_output(args.format, sources[signature["name"]], path, base64.b64decode(signature["value"]),
-                     algorithm=args.digest, manifest=manifest, replace=args.in_place)
-        print(path)
-    return 0
+    for body in created:
+        request = body["metadata"]["name"]
+        try:
+            body = wait_final(cluster, body, max(0.0, deadline - time.monotonic()))
+        except (TimeoutError, KeyboardInterrupt) as stopped:
+            when = "now" if isinstance(stopped, KeyboardInterrupt) else f"after {timeout:.0f}s"
+            _note(f"stopped waiting {when}; {request} stays, check it with: "
+                  f"kubectl keyroom status {request} -n {cluster.namespace}")
+            emit(finals, output, lambda: None)
+            return USAGE_OR_TIMEOUT if isinstance(stopped, TimeoutError) else INTERRUPTED
+        status = body["status"]
+        written = []
+        if status["phase"] != "Signed":
+            _note(f"{request}: {status['phase']}: {status.get('message', '')}")
+            code = ERROR
+        else:
+            manifest = base64.b64decode(body["spec"]["manifest"]) if body["spec"].get("manifest") else None
+            for signature in status["signatures"]:
+                path = paths[signature["name"]]
+                write_output(fmt, sources[signature["name"]], path, base64.b64decode(signature["value"]),
+                             algorithm=digest, manifest=manifest, replace=in_place)
+                written.append(str(path))
+                if output == "text":
+                    print(path)
+        finals.append({"name": request, "namespace": cluster.namespace, "phase": status["phase"],
+                       "message": status.get("message", ""), "files": written})
+    emit(finals, output, lambda: None)
+    return code
+
+
+def _digest_limit(cluster: Cluster, key: str, fmt: str) -> int:
+    """The split size for ``key``: from its policies when the caller may read them, else the API's limits."""
+    try:
+        found = cluster.custom.get_namespaced_custom_object(GROUP, VERSION, cluster.namespace, "signingkeys", key)
+        return digest_limit(cluster.list("signingpolicies"), key=found, fmt=fmt)
+    except kubernetes.client.ApiException:
+        return digest_limit([], key=None, fmt=fmt)
 
 
 def append_decision(cluster: Cluster, name: str, entry: dict, *, attempts: int = 5, field: str = "approvals",
@@ -381,188 +507,393 @@ def append_decision(cluster: Cluster, name: str, entry: dict, *, attempts: int =
     raise CliError(f"could not append to {name}: its approvals keep changing")
 
 
-def cmd_decide(cluster: Cluster, args: argparse.Namespace, decision: str) -> int:
+def _decide(names: tuple[str, ...], reason: str, output: str, target, decision: str) -> int:
+    cluster = target.cluster
     identity = cluster.whoami()
-    entry = {"user": identity["username"], "groups": identity["groups"], "decision": decision}
-    if args.reason:
-        entry["reason"] = args.reason
-    append_decision(cluster, args.name, entry)
-    summary = ""
-    deadline = time.monotonic() + 3
-    while time.monotonic() < deadline:  # the operator counts it within moments
-        status = cluster.get(args.name).get("status") or {}
-        mine = [a for a in status.get("approvals") or [] if a["user"] == identity["username"]]
-        if mine:
-            summary = f" ({status.get('approvalSummary', '')}" + ("" if mine[-1].get("counted") else
-                                                                   f"; not counted: {mine[-1].get('reason')}") + ")"
-            break
-        time.sleep(0.2)
-    verb = "approved" if decision == "Approve" else "denied"
-    print(f"{verb} {cluster.namespace}/{args.name} as {identity['username']}{summary}")
-    return 0
+    bodies = [cluster.get(name) for name in names]  # every request is read (and shown) before any is decided
+    if len(bodies) > 1:
+        _note(decision_summary(bodies, decision))
+    results, code = [], OK
+    for body in bodies:
+        name = body["metadata"]["name"]
+        entry = {"user": identity["username"], "groups": identity["groups"], "decision": decision}
+        if reason:
+            entry["reason"] = reason
+        try:
+            append_decision(cluster, name, entry, body=body)
+        except (CliError, kubernetes.client.ApiException) as error:
+            if len(bodies) == 1:
+                raise
+            message = str(api_error(error) if isinstance(error, kubernetes.client.ApiException) else error)
+            _note(f"error: {name}: {message}")
+            results.append({"name": name, "namespace": cluster.namespace, "decided": False, "error": message})
+            code = ERROR
+            continue
+        counted = _counted(cluster, cluster.get(name), "approvals", identity["username"])
+        summary = ""
+        result = {"name": name, "namespace": cluster.namespace, "decided": True, "decision": decision,
+                  "user": identity["username"]}
+        if counted:
+            mine = counted["entry"]
+            summary = f" ({counted['status'].get('approvalSummary', '')}" + (
+                "" if mine.get("counted") else f"; not counted: {mine.get('reason')}") + ")"
+            result.update(counted=bool(mine.get("counted")), approvals=counted["status"].get("approvalSummary"),
+                          phase=counted["status"].get("phase"))
+            if not mine.get("counted"):
+                result["reason"] = mine.get("reason")
+        results.append(result)
+        verb = "approved" if decision == "Approve" else "denied"
+        if output == "text":
+            print(f"{verb} {cluster.namespace}/{name} as {identity['username']}{summary}")
+    if output == "text" and len(bodies) > 1:
+        done = sum(1 for r in results if r["decided"])
+        print(f"{done} of {len(bodies)} request(s) {'approved' if decision == 'Approve' else 'denied'}")
+    emit(results, output, lambda: None)
+    return code
 
 
-def cmd_attest(cluster: Cluster, args: argparse.Namespace) -> int:
-    """Hash the files of one's own build and append them as one's attestation of the request's digests."""
-    files = [pathlib.Path(f) for f in args.files]
+@cli.command(context_settings=CONTEXT)
+@click.argument("names", nargs=-1, required=True, metavar="NAME...")
+@click.option("--reason", default="", help="why (recorded with your approval)")
+@click.option("--yes", is_flag=True, help="accepted for scripts; what is approved is always shown, nothing is asked")
+@output_option
+@with_target
+def approve(names, reason, yes, output, target) -> int:
+    """Approve SignRequests as yourself, after showing each: requester, key, reason, format, digests.
+
+    With several NAMEs, a summary of the batch comes first; each request is
+    then shown and approved in turn. The API server records your identity
+    with the approval; the operator decides whether it counts.
+    """
+    return _decide(names, reason, output, target, "Approve")
+
+
+@cli.command(context_settings=CONTEXT)
+@click.argument("names", nargs=-1, required=True, metavar="NAME...")
+@click.option("--reason", required=True, help="why (a denial needs one; the requester reads it)")
+@click.option("--yes", is_flag=True, help="accepted for scripts; nothing is asked")
+@output_option
+@with_target
+def deny(names, reason, yes, output, target) -> int:
+    """Deny SignRequests as yourself, after showing each; one eligible denial ends a request."""
+    return _decide(names, reason, output, target, "Deny")
+
+
+@cli.command(context_settings=CONTEXT)
+@click.argument("name")
+@click.argument("files", nargs=-1, required=True, type=click.Path(path_type=pathlib.Path), metavar="FILE...")
+@click.option("--build", help="the build that produced them, e.g. the CI run's URL (default: $CI_JOB_URL, or the "
+                              "GitHub Actions run)")
+@with_target
+def attest(name, files, build, target) -> int:
+    """Hash the files your own build produced and attest them for SignRequest NAME (exactly its files)."""
     for path in files:
         if not path.is_file():
             raise CliError(f"{path} is not a readable file")
+    cluster = target.cluster
     identity = cluster.whoami()
-    body = cluster.get(args.name)
+    body = cluster.get(name)
     if any(a["user"] == identity["username"] for a in body["spec"].get("attestations") or []):
-        raise CliError(f"{identity['username']} already attested {args.name}; a builder attests once")
-    entry, difference = attestation(body["spec"], files, identity=identity,
-                                    build=args.build if args.build is not None else build_reference(dict(os.environ)))
-    append_decision(cluster, args.name, entry, field="attestations", body=body)
+        raise CliError(f"{identity['username']} already attested {name}; a builder attests once")
+    entry, difference = attestation(body["spec"], list(files), identity=identity,
+                                    build=build if build is not None else build_reference(dict(os.environ)))
+    append_decision(cluster, name, entry, field="attestations", body=body)
     if difference is not None:
         _note(f"error: your build differs from the request's at {difference[0]}: {difference[1]}; "
-              f"{args.name} fails (BuildMismatch) and will not be signed")
-        return 1
+              f"{name} fails (BuildMismatch) and will not be signed")
+        return ERROR
+    counted = _counted(cluster, cluster.get(name), "builds", identity["username"])
     summary = ""
-    deadline = time.monotonic() + 3
-    while time.monotonic() < deadline:  # the operator counts it within moments
-        status = cluster.get(args.name).get("status") or {}
-        mine = [b for b in status.get("builds") or [] if b["user"] == identity["username"]]
-        if mine:
-            summary = f" ({status.get('buildSummary', '')}" + ("" if mine[-1].get("counted") else
-                                                                f"; not counted: {mine[-1].get('reason')}") + ")"
-            break
-        time.sleep(0.2)
-    print(f"attested {cluster.namespace}/{args.name} as {identity['username']}: {len(files)} digest(s) match"
-          f"{summary}")
-    return 0
+    if counted:
+        mine = counted["entry"]
+        summary = f" ({counted['status'].get('buildSummary', '')}" + (
+            "" if mine.get("counted") else f"; not counted: {mine.get('reason')}") + ")"
+    print(f"attested {cluster.namespace}/{name} as {identity['username']}: {len(files)} digest(s) match{summary}")
+    return OK
 
 
-def cmd_get(cluster: Cluster, args: argparse.Namespace) -> int:
-    if args.name:
-        items = [cluster.get(args.name)]
-    elif args.all_namespaces:
+@cli.command(context_settings=CONTEXT)
+@click.argument("name", required=False)
+@click.option("-A", "--all-namespaces", is_flag=True, help="every namespace you may read")
+@output_option
+@with_target
+def get(name, all_namespaces, output, target) -> int:
+    """List SignRequests (or show one) with their approvals and phase."""
+    cluster = target.cluster
+    if name:
+        items = [cluster.get(name)]
+    elif all_namespaces:
         items = cluster.custom.list_cluster_custom_object(GROUP, VERSION, PLURAL)["items"]
     else:
-        items = cluster.custom.list_namespaced_custom_object(GROUP, VERSION, cluster.namespace, PLURAL)["items"]
+        items = cluster.list(PLURAL)
+    if output != "text":
+        emit([request_view(item) for item in items], output, lambda: None)
+        return OK
     if not items:
-        _note(f"no SignRequests in {'any namespace' if args.all_namespaces else cluster.namespace}")
-        return 0
+        _note(f"no SignRequests in {'any namespace' if all_namespaces else cluster.namespace}")
+        return OK
     builds = any((item.get("status") or {}).get("buildSummary") for item in items)  # a column only when in use
-    header = ((["NAMESPACE"] if args.all_namespaces else []) + ["NAME", "KEY", "REQUESTER", "APPROVALS"]
+    header = ((["NAMESPACE"] if all_namespaces else []) + ["NAME", "KEY", "REQUESTER", "APPROVALS"]
               + (["BUILDS"] if builds else []) + ["PHASE", "AGE"])
-    rows = [header]
+    rows = []
     for item in items:
         status = item.get("status") or {}
-        rows.append(([item["metadata"]["namespace"]] if args.all_namespaces else []) + [
+        rows.append(([item["metadata"]["namespace"]] if all_namespaces else []) + [
             item["metadata"]["name"], item["spec"]["keyRef"]["name"], item["spec"]["requester"]["username"],
             status.get("approvalSummary", "")] + ([status.get("buildSummary", "")] if builds else []) + [
             status.get("phase", ""), _age(item["metadata"].get("creationTimestamp"))])
-    print(table(rows))
-    return 0
+    print(render_table(header, rows))
+    return OK
 
 
-def cmd_status(cluster: Cluster, args: argparse.Namespace) -> int:
-    print(describe(cluster.get(args.name)))
-    return 0
+@cli.command(context_settings=CONTEXT)
+@click.argument("name")
+@output_option
+@with_target
+def status(name, output, target) -> int:
+    """Everything about one SignRequest: phase, what it waits for, approvals, builds, digests, audit entry."""
+    body = target.cluster.get(name)
+    emit(request_view(body), output, lambda: describe(body))
+    return OK
 
 
-def cmd_rotate(cluster: Cluster, args: argparse.Namespace) -> int:
-    """Ask for a new key version through the keyroom.dev/rotate annotation; wait until the signer made it."""
+#: what ``whoami`` asks the API server about, in the caller's namespace (None: the signer's namespace)
+CAPABILITIES = [
+    ("request signatures (sign)", GROUP, "signrequests", "create", None, False),
+    ("approve or deny (approve, deny)", GROUP, "signrequests", "patch", None, False),
+    ("attest builds (attest)", GROUP, "signrequests", "attest", None, False),
+    ("read requests (get, status, pending)", GROUP, "signrequests", "list", None, False),
+    ("read keys and policies (keys, access, export)", GROUP, "signingkeys", "list", None, False),
+    ("manage keys and policies", GROUP, "signingpolicies", "create", None, False),
+    ("rotate keys (rotate)", GROUP, "signingkeys", "patch", None, False),
+    ("read RBAC bindings (access)", "rbac.authorization.k8s.io", "rolebindings", "list", None, False),
+    ("read the audit checkpoint (audit)", "", "configmaps", "get", "keyroom-audit-checkpoint", True),
+    ("read the signer's audit log (audit, report)", "", "pods/exec", "create", None, True),
+]
+
+
+@cli.command(context_settings=CONTEXT)
+@click.option("--signer-namespace", default="keyroom-system", show_default=True, help="where the signer runs")
+@output_option
+@with_target
+def whoami(signer_namespace, output, target) -> int:
+    """Who the API server says you are, and what you may do with keyroom in the namespace."""
+    cluster = target.cluster
+    identity = cluster.whoami()
+    client = kubernetes.client
+    abilities = []
+    for label, group, resource, verb, name, signer_side in CAPABILITIES:
+        namespace = signer_namespace if signer_side else cluster.namespace
+        subresource = ""
+        if "/" in resource:
+            resource, subresource = resource.split("/", 1)
+        review = cluster.authorization.create_self_subject_access_review(client.V1SelfSubjectAccessReview(
+            spec=client.V1SelfSubjectAccessReviewSpec(resource_attributes=client.V1ResourceAttributes(
+                group=group, resource=resource, subresource=subresource or None, verb=verb, name=name,
+                namespace=namespace))))
+        abilities.append({"what": label, "namespace": namespace, "allowed": bool(review.status.allowed),
+                          "check": f"{verb} {resource}{'/' + subresource if subresource else ''}"
+                                   f"{'.' + group if group else ''}{' ' + name if name else ''}"})
+    rules = cluster.authorization.create_self_subject_rules_review(client.V1SelfSubjectRulesReview(
+        spec=client.V1SelfSubjectRulesReviewSpec(namespace=cluster.namespace))).status
+    keyroom_rules = [{"verbs": r.verbs, "resources": r.resources, "resourceNames": r.resource_names}
+                     for r in rules.resource_rules or [] if GROUP in (r.api_groups or []) or "*" in (r.api_groups or [])]
+    data = {"username": identity["username"], "groups": identity["groups"], "namespace": cluster.namespace,
+            "may": abilities, "keyroomRules": keyroom_rules, "rulesIncomplete": bool(rules.incomplete)}
+
+    def text() -> str:
+        lines = [f"user:       {identity['username']}", f"groups:     {', '.join(identity['groups'])}",
+                 f"namespace:  {cluster.namespace}", ""]
+        rows = [["yes" if a["allowed"] else "no", a["what"], a["namespace"], a["check"]] for a in abilities]
+        return "\n".join(lines) + render_table(["MAY", "WHAT", "NAMESPACE", "CHECKED AS"], rows)
+    emit(data, output, text)
+    return OK
+
+
+def _readable_namespaces(cluster: Cluster, explicit: bool) -> list[str] | None:
+    """The namespaces to look in: the one given, else every namespace if listable (None: list cluster-wide)."""
+    if explicit:
+        return [cluster.namespace]
+    try:
+        cluster.custom.list_cluster_custom_object(GROUP, VERSION, PLURAL, limit=1)
+        return None
+    except kubernetes.client.ApiException as error:
+        if error.status != 403:
+            raise
+    try:
+        return [n.metadata.name for n in cluster.core.list_namespace().items]
+    except kubernetes.client.ApiException as error:
+        if error.status != 403:
+            raise
+    contexts, _ = kubernetes.config.list_kube_config_contexts(config_file=cluster.kubeconfig)
+    found = {cluster.namespace} | {(c.get("context") or {}).get("namespace") for c in contexts}
+    _note(f"you may not list namespaces: looking in {', '.join(sorted(n for n in found if n))} (your kubeconfig's); "
+          "name others with -n")
+    return sorted(n for n in found if n)
+
+
+@cli.command(context_settings=CONTEXT)
+@output_option
+@with_target
+def pending(output, target) -> int:
+    """Requests your approval could still count for, across the namespaces you can see, with what each waits for.
+
+    A request is listed when it is Pending, you have not decided it yet, you
+    are an eligible approver in a policy that selects its key, that policy
+    still misses approvals, and separation of duties does not exclude you.
+    -n NAMESPACE looks in that namespace only.
+    """
+    cluster = target.cluster
+    identity = cluster.whoami()
+    me = policy.Identity(identity["username"], tuple(identity["groups"]))
+    namespaces = _readable_namespaces(cluster, explicit=target.namespace is not None)
+    if namespaces is None:
+        requests = cluster.custom.list_cluster_custom_object(GROUP, VERSION, PLURAL)["items"]
+        namespaces = sorted({r["metadata"]["namespace"] for r in requests})
+    else:
+        requests = []
+        for namespace in list(namespaces):
+            try:
+                requests.extend(cluster.list(PLURAL, namespace))
+            except kubernetes.client.ApiException as error:
+                if error.status != 403:
+                    raise
+                namespaces.remove(namespace)
+    from keyroom.cli import access
+
+    found = []
+    context: dict[str, tuple[list, dict]] = {}
+    for request in requests:
+        namespace = request["metadata"]["namespace"]
+        if (request.get("status") or {}).get("phase", "Pending") != "Pending":
+            continue
+        if namespace not in context:
+            keys = {k["metadata"]["name"]: k["metadata"].get("labels") for k in cluster.list("signingkeys", namespace)}
+            context[namespace] = (cluster.list("signingpolicies", namespace), keys)
+        policies, keys = context[namespace]
+        counts, why = access.approval_prospect(request, policies=policies,
+                                               key_labels=keys.get(request["spec"]["keyRef"]["name"]), identity=me)
+        if counts:
+            spec, status = request["spec"], request.get("status") or {}
+            found.append({"namespace": namespace, "name": request["metadata"]["name"],
+                          "requester": spec["requester"]["username"], "key": spec["keyRef"]["name"],
+                          "format": spec.get("format", "raw"), "digests": len(spec["digests"]),
+                          "reason": spec.get("reason", ""), "approvals": status.get("approvalSummary", ""),
+                          "waitingFor": status.get("message", ""), "yourApproval": why,
+                          "age": _age(request["metadata"].get("creationTimestamp"))})
+
+    def text() -> str:
+        if not found:
+            return f"nothing waits for your approval in {', '.join(namespaces) or 'any namespace you can read'}"
+        rows = [[f["namespace"], f["name"], f["requester"], f["key"], f["format"], str(f["digests"]), f["approvals"],
+                 f["age"], f["reason"], f["waitingFor"]] for f in found]
+        return render_table(["NAMESPACE", "NAME", "REQUESTER", "KEY", "FORMAT", "DIGESTS", "APPROVALS", "AGE",
+                             "REASON", "WAITING FOR"], rows)
+    emit(found, output, text)
+    return OK
+
+
+@cli.command(context_settings=CONTEXT)
+@click.argument("key")
+@click.option("--request", "value", help="the annotation value (default: the current time); a repeated value "
+                                         "rotates nothing")
+@click.option("--wait/--no-wait", default=True, show_default=True, help="wait until the new version is current")
+@click.option("--timeout", type=float, default=60, show_default=True, help="seconds to wait")
+@with_target
+def rotate(key, value, wait, timeout, target) -> int:
+    """Generate a new version of SigningKey KEY (platform admins), through the keyroom.dev/rotate annotation."""
+    cluster = target.cluster
     keys = "signingkeys"
-    before = cluster.custom.get_namespaced_custom_object(GROUP, VERSION, cluster.namespace, keys, args.key)
+    before = cluster.custom.get_namespaced_custom_object(GROUP, VERSION, cluster.namespace, keys, key)
     current = (before.get("status") or {}).get("currentVersion")
-    value = args.request or datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-    cluster.custom.patch_namespaced_custom_object(GROUP, VERSION, cluster.namespace, keys, args.key,
-                                                  {"metadata": {"annotations": {ROTATE_ANNOTATION: value}}})
-    _note(f"{args.key}: rotation requested ({ROTATE_ANNOTATION}={value}); current version {current}")
-    if not args.wait:
-        return 0
-    deadline = time.monotonic() + args.timeout
-    while time.monotonic() < deadline:
-        status = cluster.custom.get_namespaced_custom_object(GROUP, VERSION, cluster.namespace, keys,
-                                                             args.key).get("status") or {}
+    value = value or datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    patched = cluster.custom.patch_namespaced_custom_object(
+        GROUP, VERSION, cluster.namespace, keys, key, {"metadata": {"annotations": {ROTATE_ANNOTATION: value}}})
+    _note(f"{key}: rotation requested ({ROTATE_ANNOTATION}={value}); current version {current}")
+    if not wait:
+        return OK
+    for body in _versions(cluster, patched, time.monotonic() + timeout, plural=keys):
+        status = body.get("status") or {}
         if status.get("lastRotationRequest") == value and status.get("currentVersion") != current:
-            print(f"{args.key}: version {status['currentVersion']} is current; version {current} is disabled")
-            return 0
-        time.sleep(0.5)
-    _note(f"{args.key}: no new version within {args.timeout:.0f}s; `kubectl get sk {args.key}` shows why")
-    return 2
+            print(f"{key}: version {status['currentVersion']} is current; version {current} is disabled")
+            return OK
+    _note(f"{key}: no new version within {timeout:.0f}s; `kubectl get sk {key}` shows why")
+    return USAGE_OR_TIMEOUT
 
 
-def parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--kubeconfig", help="kubeconfig file (default: $KUBECONFIG or ~/.kube/config)")
-    common.add_argument("--context", help="kubeconfig context")
-    common.add_argument("-n", "--namespace", help="the team's namespace (default: the context's)")
-    top = argparse.ArgumentParser(prog="kubectl keyroom", description=__doc__.splitlines()[0])
-    verbs = top.add_subparsers(dest="verb", required=True)
+COMPLETE_VAR = "_KUBECTL_KEYROOM_COMPLETE"
 
-    sign = verbs.add_parser("sign", parents=[common], help="hash files locally and request their signatures")
-    sign.add_argument("files", nargs="+", metavar="FILE")
-    sign.add_argument("--key", required=True, help="the SigningKey of the namespace")
-    sign.add_argument("--reason", default="", help="shown to approvers, e.g. 'release 1.4.2'")
-    sign.add_argument("--digest", default="SHA256", choices=["SHA256", "SHA384", "SHA512"])
-    sign.add_argument("--format", default="raw", choices=list(FORMAT_OUTPUTS),
-                      help="raw: FILE.sig; cms: FILE.p7s (detached CMS with the certificate chain); authenticode: a "
-                           "signed copy of the PE file; jar: a signed copy of the JAR; sigstore: FILE.sigstore.json")
-    sign.add_argument("--certificate", help="the Certificate cms, authenticode and jar embed (default: the key "
-                                            "version's valid certificate)")
-    sign.add_argument("--in-place", action="store_true", help="authenticode, jar: replace the input (and an existing "
-                                                              "signature) with the signed file")
-    sign.add_argument("--name", help="the SignRequest's name (default: generated from the key's)")
-    sign.add_argument("--wait", action=argparse.BooleanOptionalAction, default=True,
-                      help="wait for the outcome and write FILE.sig (default)")
-    sign.add_argument("--timeout", type=float, default=600, help="seconds to wait (default 600)")
-    sign.add_argument("--out", help="write signatures into this directory instead of beside the files")
-    sign.set_defaults(run=cmd_sign)
 
-    for verb, decision in (("approve", "Approve"), ("deny", "Deny")):
-        sub = verbs.add_parser(verb, parents=[common], help=f"{verb} a SignRequest as yourself")
-        sub.add_argument("name")
-        sub.add_argument("--reason", default="", required=decision == "Deny", help="why")
-        sub.add_argument("--yes", action="store_true", help="accepted for scripts; nothing is asked anyway")
-        sub.set_defaults(run=lambda cluster, args, decision=decision: cmd_decide(cluster, args, decision))
+@cli.command(context_settings=CONTEXT)
+@click.argument("shell", type=click.Choice(["bash", "zsh", "fish"]))
+def completion(shell) -> int:
+    """Print the shell completion script for kubectl-keyroom.
 
-    attest = verbs.add_parser("attest", parents=[common],
-                              help="hash the files your own build produced and attest them for a SignRequest")
-    attest.add_argument("name")
-    attest.add_argument("files", nargs="+", metavar="FILE", help="exactly the request's files, from your build")
-    attest.add_argument("--build", help="the build that produced them, e.g. the CI run's URL (default: $CI_JOB_URL, "
-                                        "or the GitHub Actions run)")
-    attest.set_defaults(run=cmd_attest)
+    \b
+    bash:  source <(kubectl-keyroom completion bash)
+    zsh:   source <(kubectl-keyroom completion zsh)
+    fish:  kubectl-keyroom completion fish | source
+    `kubectl keyroom <TAB>` (kubectl 1.26+) uses the kubectl_complete-keyroom command installed beside it.
+    """
+    from click.shell_completion import get_completion_class
 
-    get = verbs.add_parser("get", parents=[common], help="list SignRequests")
-    get.add_argument("name", nargs="?")
-    get.add_argument("-A", "--all-namespaces", action="store_true")
-    get.set_defaults(run=cmd_get)
-    rotate = verbs.add_parser("rotate", parents=[common], help="generate a new version of a SigningKey (admins)")
-    rotate.add_argument("key")
-    rotate.add_argument("--request", help="the annotation value (default: the current time); a repeated value "
-                                          "rotates nothing")
-    rotate.add_argument("--wait", action=argparse.BooleanOptionalAction, default=True,
-                        help="wait until the new version is current (default)")
-    rotate.add_argument("--timeout", type=float, default=60, help="seconds to wait (default 60)")
-    rotate.set_defaults(run=cmd_rotate)
-    status = verbs.add_parser("status", parents=[common], help="everything about one SignRequest")
-    status.add_argument("name")
-    status.set_defaults(run=cmd_status)
-    return top
+    print(get_completion_class(shell)(cli, {}, "kubectl-keyroom", COMPLETE_VAR).source())
+    return OK
+
+
+def _register() -> None:
+    from keyroom.cli import admin, offline
+
+    for command in (offline.export, offline.verify, admin.keys, admin.access, admin.audit, admin.report):
+        cli.add_command(command)
+
+
+_register()
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
     try:
-        return args.run(Cluster(args), args)
+        result = cli.main(args=argv, prog_name="kubectl keyroom", standalone_mode=False, complete_var=COMPLETE_VAR)
+    except click.exceptions.ClickException as error:
+        error.show()
+        return error.exit_code
+    except click.exceptions.Abort:
+        return INTERRUPTED
     except CliError as error:
         _note(f"error: {error}")
     except kubernetes.client.ApiException as error:
-        _note(f"error: {_api_error(error)}")
+        _note(f"error: {api_error(error)}")
     except (OSError, kubernetes.config.ConfigException) as error:
         _note(f"error: {error}")
     except Exception as error:  # urllib3 connection errors and the like
         if type(error).__module__.startswith("urllib3"):
             host = kubernetes.client.Configuration.get_default_copy().host
-            _note(f"error: cannot reach the API server at {host}: {getattr(error, 'reason', None) or error}")
+            _note(f"error: cannot reach the API server at {host}: {getattr(error, 'reason', None) or error}; "
+                  "check --kubeconfig and --context")
         else:
             raise
-    return 1
+    else:
+        return result if isinstance(result, int) else OK
+    return ERROR
+
+
+def complete_for_kubectl(argv: list[str] | None = None) -> int:
+    """``kubectl_complete-keyroom``: the completions kubectl asks a plugin for (``kubectl keyroom <TAB>``).
+
+    kubectl passes the words after ``keyroom``, the last being the one to
+    complete, and reads candidates one per line followed by a Cobra directive
+    (``:4``, no file completion, or ``:0`` when files may follow).
+    """
+    from click.shell_completion import ShellComplete
+
+    words = list(sys.argv[1:] if argv is None else argv)
+    incomplete = words.pop() if words else ""
+    items = ShellComplete(cli, {}, "kubectl keyroom", COMPLETE_VAR).get_completions(words, incomplete)
+    for item in items:
+        if item.type == "plain":
+            print(item.value)
+    print(":0" if any(item.type in ("file", "dir") for item in items) else ":4")
+    return OK
 
 
 if __name__ == "__main__":
