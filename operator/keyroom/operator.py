@@ -15,6 +15,7 @@ from typing import Any
 
 import kopf
 
+from keyroom import metrics
 from keyroom.controllers import certificate as _certificate  # noqa: F401  (registers the handlers)
 from keyroom.controllers import policy as _policy  # noqa: F401
 from keyroom.controllers import signingkey as _signingkey  # noqa: F401
@@ -56,8 +57,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--verbose", action="store_true", help="log debug messages")
     parser.add_argument("--liveness", metavar="URL", default=None,
                         help="serve a liveness probe, e.g. http://0.0.0.0:8080/healthz")
+    parser.add_argument("--metrics", metavar="URL", default=None,
+                        help="serve Prometheus metrics, e.g. http://0.0.0.0:9090/metrics")
     args = parser.parse_args(argv)
     kopf.configure(verbose=args.verbose)
+    if args.metrics:
+        metrics.serve(args.metrics)
     asyncio.run(kopf.operator(
         standalone=True,
         clusterwide=not args.namespace,

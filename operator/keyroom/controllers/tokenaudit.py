@@ -3,9 +3,13 @@
 Key objects outlive their SigningKeys on purpose (``deletionPolicy: Retain``,
 a key deleted while the operator was down), and other tools may write to the
 same token. Periodically the operator lists the token's objects through the
-signer and reports, as a warning in its log, each keyroom object whose
-SigningKey (namespace, name, UID) or version is no longer declared, and each
-object keyroom did not create. It never destroys anything it finds.
+signer and reports each keyroom object whose SigningKey (namespace, name,
+UID) or version is no longer declared, and each object keyroom did not
+create: as a warning in its log, as the gauge
+``keyroom_token_undeclared_objects`` (``--metrics``), and, for a keyroom
+object, once per operator process as a Warning Event ``UndeclaredKeyObject``
+on the Namespace its key lived in, where the team's people see it. It never
+destroys anything it finds.
 """
 from __future__ import annotations
 
@@ -15,7 +19,9 @@ import os
 from typing import Any, Iterable, Mapping
 
 import kopf
+import kubernetes
 
+from keyroom import conditions, kubeclient, metrics
 from keyroom.controllers import kube
 
 logger = logging.getLogger("keyroom.tokenaudit")
@@ -37,25 +43,55 @@ def undeclared_objects(objects: Iterable[Mapping], keys: Iterable[Mapping]) -> l
     return sorted(set(found))
 
 
-async def audit_once(signer: Any) -> list[str]:
+def finding_event(item: Mapping) -> dict | None:
+    """The Event for an undeclared keyroom object, on its key's Namespace (None for a foreign object)."""
+    handle = item.get("key")
+    if handle is None:
+        return None
+    return {
+        "metadata": {"generateName": "keyroom-token-audit-", "namespace": handle["namespace"]},
+        "involvedObject": {"apiVersion": "v1", "kind": "Namespace", "name": handle["namespace"]},
+        "type": "Warning", "reason": "UndeclaredKeyObject", "source": {"component": "keyroom-operator"},
+        "message": (f"the HSM holds {item['label']} (SigningKey {handle['name']} version {handle['version']}, "
+                    f"uid {handle['uid']}), which no SigningKey declares; it is kept: remove it deliberately"),
+        "firstTimestamp": conditions.now_rfc3339(), "lastTimestamp": conditions.now_rfc3339(), "count": 1,
+    }
+
+
+def _post_event(event: dict) -> None:
+    kubernetes.client.CoreV1Api(kubeclient.api_client()).create_namespaced_event(
+        event["metadata"]["namespace"], event)
+
+
+async def audit_once(signer: Any, reported: set[str] | None = None) -> list[str]:
     objects = await signer.list_objects()
     keys = await kube.list_all(plural="signingkeys")
     undeclared = undeclared_objects(objects, keys)
+    metrics.TOKEN_UNDECLARED_OBJECTS.set(len(undeclared))
+    reported = set() if reported is None else reported
     for label in undeclared:
         logger.warning("token object %r is declared by no SigningKey; it is kept, remove it deliberately", label)
+    for item in objects:
+        event = finding_event(item) if item["label"] in undeclared and item["label"] not in reported else None
+        if event is not None:
+            await asyncio.to_thread(_post_event, event)
+            reported.add(item["label"])
     return undeclared
 
 
 async def _audit_forever(memo: kopf.Memo, interval: float) -> None:
+    reported: set[str] = set()
     while True:
         await asyncio.sleep(interval)
         if memo.get("signer") is None:
             continue
         try:
-            await audit_once(memo.signer)
+            await audit_once(memo.signer, reported)
+            metrics.TOKEN_AUDITS.labels("ok").inc()
         except asyncio.CancelledError:
             raise
         except Exception as error:  # an API or signer error skips one round, never ends the audit
+            metrics.TOKEN_AUDITS.labels("skipped").inc()
             logger.info("token audit skipped: %s: %s", type(error).__name__, error)
 
 
