@@ -59,3 +59,11 @@ def test_argo_messages_say_why():
 def test_a_consumed_key_is_healthy_with_its_reason():
     verdict = gitops.argo_health(STATES["SigningKey/Consumed/Current"])
     assert verdict["status"] == "Healthy" and verdict["message"].startswith("Consumed")
+
+
+def test_the_argocd_cm_snippet_carries_exactly_the_shipped_scripts():
+    import yaml
+
+    data = yaml.safe_load((gitops.HEALTH_DIR / "argocd-cm.yaml").read_text())["data"]
+    assert data == {f"resource.customizations.health.keyroom.dev_{kind}": gitops.lua_script(kind)
+                    for kind in gitops.KINDS}
