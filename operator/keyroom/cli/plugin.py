@@ -1,10 +1,15 @@
-"""``kubectl keyroom``: sign files, approve, deny and attest SignRequests, and read them, from the command line.
+"""``kubectl keyroom``: request, approve, attest, verify and audit signatures from the command line.
 
 Installed as the ``kubectl-keyroom`` console script, so kubectl finds it as a
-plugin. Files are hashed locally; only their digests travel. The caller's
-identity comes from a SelfSubjectReview (what ``kubectl auth whoami`` shows),
-so the requester, each approval and each build attestation carry exactly what
-the API server's admission policy expects.
+plugin (and ``kubectl_complete-keyroom`` for its completion). The verbs are
+click commands: this module holds the requester's, approver's and builder's
+(sign, status, get, whoami, pending, approve, deny, attest, rotate) and the
+pure functions they stand on; :mod:`keyroom.cli.offline` holds export and
+verify, :mod:`keyroom.cli.admin` keys, access, audit and report. Files are
+hashed locally; only their digests travel. The caller's identity comes from a
+SelfSubjectReview (what ``kubectl auth whoami`` shows), so the requester, each
+approval and each build attestation carry exactly what the API server's
+admission policy expects. Exit codes: :mod:`keyroom.cli.common`.
 """
 from __future__ import annotations
 
@@ -59,9 +64,14 @@ def format_digest(path: pathlib.Path, fmt: str, algorithm: str,
     """(the digest the request carries for ``path`` in ``fmt``, the JAR manifest for jar)."""
     try:
         if fmt == "authenticode":
-            return pe.authenticode_digest(path.read_bytes(), algorithm).hex(), None
+            data = path.read_bytes()
+            if advance is not None:
+                advance(len(data))
+            return pe.authenticode_digest(data, algorithm).hex(), None
         if fmt == "jar":
             manifest = jar.manifest(path, algorithm)
+            if advance is not None:
+                advance(path.stat().st_size)
             return hashlib.new(algorithm.lower(), manifest).hexdigest(), manifest
     except (pe.PEError, jar.JarError) as error:
         raise CliError(f"{path}: {error}") from None
