@@ -287,3 +287,66 @@ def test_an_attested_digest_must_fit_the_requests_algorithm(cluster, built):
                    identity="ci-builder-b")
     assert result.returncode != 0
     assert "each attested digest must be the hex of a digest of the request's digestAlgorithm" in result.stderr
+
+
+# ---------------------------------------------------------------- labels and annotations of someone else's request
+
+TTL = "keyroom.dev/ttl-after-finished"
+
+
+def _metadata_changes(name: str) -> dict[str, list[str]]:
+    """Each way to change a request's labels or annotations, as kubectl arguments."""
+    return {
+        "annotate": ["annotate", "signrequest", name, "-n", NAMESPACE, "--overwrite", f"{TTL}=1s"],
+        "label": ["label", "signrequest", name, "-n", NAMESPACE, "--overwrite", "release=forged"],
+        "merge patch": ["patch", "signrequest", name, "-n", NAMESPACE, "--type=merge",
+                        "-p", json.dumps({"metadata": {"annotations": {TTL: "1s"}, "labels": {"x": "y"}}})],
+    }
+
+
+def test_nobody_but_the_requester_an_admin_or_the_operator_changes_a_requests_metadata(cluster, unique):
+    name = unique("sr")
+    made = apply(cluster, request(name) | {"metadata": {"name": name, "namespace": NAMESPACE,
+                                                        "labels": {"release": "1.4.2"},
+                                                        "annotations": {TTL: "30d"}}}, identity="alice")
+    assert made.returncode == 0, made.stderr
+    before = get(cluster, "signrequest", name, namespace=NAMESPACE)["metadata"]
+    # bob (approver) and ci-builder-a (another requester of team-a) hold patch, but not over alice's metadata
+    for user in ("bob", "ci-builder-a"):
+        for how, args in _metadata_changes(name).items():
+            refused = kubectl(cluster, *args, identity=user)
+            assert refused.returncode != 0, f"{user} changed alice's request by {how}"
+            assert "only the requester (alice)" in refused.stderr, refused.stderr
+        removed = kubectl(cluster, "annotate", "signrequest", name, "-n", NAMESPACE, f"{TTL}-", identity=user)
+        assert removed.returncode != 0 and "only the requester (alice)" in removed.stderr, removed.stderr
+    # an approval that smuggles an annotation along is refused as a whole
+    smuggled = patch(cluster, name, [*append(approval("bob", BOB_GROUPS), first=True),
+                                     {"op": "add", "path": f"/metadata/annotations/{TTL.replace('/', '~1')}",
+                                      "value": "1s"}], identity="bob")
+    assert smuggled.returncode != 0 and "only the requester (alice)" in smuggled.stderr, smuggled.stderr
+    after = get(cluster, "signrequest", name, namespace=NAMESPACE)
+    assert (after["metadata"]["labels"], after["metadata"]["annotations"]) == (before["labels"], before["annotations"])
+    assert "approvals" not in after["spec"]
+    # bob's plain approval still passes, as kubectl keyroom approve sends it
+    approved = patch(cluster, name, append(approval("bob", BOB_GROUPS), first=True), identity="bob")
+    assert approved.returncode == 0, approved.stderr
+    # alice on her own request, and an admin (who may delete it), may
+    for user in ("alice", "admin"):
+        for how, args in _metadata_changes(name).items():
+            changed = kubectl(cluster, *args, identity=user)
+            assert changed.returncode == 0, f"{user} could not change the request by {how}: {changed.stderr}"
+    assert get(cluster, "signrequest", name, namespace=NAMESPACE)["metadata"]["annotations"][TTL] == "1s"
+    # the operator's own bookkeeping annotations stay writable by its ServiceAccount
+    bookkeeping = kubectl(cluster, "annotate", "signrequest", name, "-n", NAMESPACE, "keyroom.dev/progress=x",
+                          identity="operator")
+    assert bookkeeping.returncode == 0, bookkeeping.stderr
+
+
+def test_a_requester_cannot_change_another_requesters_metadata(cluster, unique):
+    name = unique("built")
+    made = apply(cluster, request(name, requester={"username": CI_A, "groups": SA_GROUPS}), identity="ci-builder-a")
+    assert made.returncode == 0, made.stderr
+    for how, args in _metadata_changes(name).items():
+        refused = kubectl(cluster, *args, identity="alice")
+        assert refused.returncode != 0 and f"only the requester ({CI_A})" in refused.stderr, how
+        assert kubectl(cluster, *args, identity="ci-builder-a").returncode == 0, how

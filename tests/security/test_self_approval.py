@@ -112,17 +112,24 @@ def _pending(cluster, unique, key: str) -> str:
     return name
 
 
-def test_a_plain_requester_cannot_write_approvals_or_status(cluster, unique, guarded_key):
+def test_a_plain_requester_cannot_write_approvals_that_count_or_status(cluster, unique, guarded_key):
+    """The requester role may patch (kubectl apply needs it): alice appends only her own entry, which never counts."""
     name = _pending(cluster, unique, guarded_key)
-    _refused(_json_patch(cluster, name, [{"op": "add", "path": "/spec/approvals", "value": [_entry()]}]),
-             "forbidden")
-    _refused(_plugin(cluster, "alice", "approve", name), "forbidden")
+    _refused(_json_patch(cluster, name, [{"op": "add", "path": "/spec/approvals", "value": [_entry("bob")]}]),
+             "must be your own")
+    _refused(_json_patch(cluster, name, [{"op": "add", "path": "/spec/approvals",
+                                          "value": [_entry("alice", BOB["groups"])]}]), "exactly your groups")
     status_patch = {"status": {"phase": "Approved", "approvals": [{"user": "bob", "decision": "Approve",
                                                                    "counted": True}]}}
     _refused(kubectl(cluster, "patch", "signrequest", name, "-n", NAMESPACE, "--subresource=status",
                      "--type=merge", "-p", json.dumps(status_patch), identity="alice"), "forbidden")
     assert _approvals(cluster, name) == []
-    assert request_status(cluster, name)["phase"] == "Pending"
+    own = _json_patch(cluster, name, [{"op": "add", "path": "/spec/approvals", "value": [_entry()]}])
+    assert own.returncode == 0, own.stderr
+    status = wait_request(cluster, name, lambda s: s.get("approvals"), what="alice's entry to be seen")
+    assert [(a["user"], a["counted"]) for a in status["approvals"]] == [("alice", False)], status
+    assert "own request" in status["approvals"][0]["reason"]
+    assert status["phase"] == "Pending" and status["approvalSummary"] == "0/1"
     _never_signed(cluster, name)
 
 

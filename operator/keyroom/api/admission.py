@@ -10,7 +10,13 @@ The API server, not the operator, checks who asked and who approved, from
 - likewise at most one build attestation is appended, by the updating user
   themself with their groups, once per user and request, and only by someone
   RBAC grants the ``attest`` verb on the request (the ``keyroom-builder``
-  role): an approver's or the operator's ``patch`` alone attests nothing.
+  role): an approver's or the operator's ``patch`` alone attests nothing;
+- labels and annotations change only by the request's own requester (client-side
+  ``kubectl apply`` rewrites its last-applied annotation), by the operator's
+  ServiceAccount, or by someone RBAC lets ``delete`` the request (admins, asked
+  through the policy's ``authorizer``): the ``patch`` that requesters and
+  approvers hold for their own requests and approvals gives no say over another
+  person's request, such as a shorter ``keyroom.dev/ttl-after-finished``.
 
 So a requester can never forge, remove or self-count an approval, a builder
 can never attest in another builder's name, change or remove another's
@@ -48,6 +54,9 @@ from keyroom.api.common import (
 from keyroom.signer.audit import CHECKPOINT_NAME
 
 POLICY_NAME = "keyroom-signrequest-identity"
+#: CEL: the caller is the operator's ServiceAccount (named keyroom-operator in whichever namespace it runs)
+_OPERATOR_IDENTITY = ("request.userInfo.username.startsWith('system:serviceaccount:') && "
+                      "request.userInfo.username.endsWith(':keyroom-operator')")
 OPERATOR_POLICY_NAME = "keyroom-operator-writes-no-spec"
 SIGNER_POLICY_NAME = "keyroom-signer-creates-only-its-checkpoint"
 PUBLISHING_POLICY_NAME = "keyroom-operator-publishes-only-public-certificates"
@@ -64,6 +73,14 @@ def _annotation(obj: str, name: str) -> str:
     """CEL for an annotation's value, '' when absent."""
     return (f"(has({obj}.metadata.annotations) && '{name}' in {obj}.metadata.annotations ? "
             f"{obj}.metadata.annotations['{name}'] : '')")
+
+
+def _labels(obj: str) -> str:
+    return f"(has({obj}.metadata.labels) ? {obj}.metadata.labels : {{}})"
+
+
+def _annotations(obj: str) -> str:
+    return f"(has({obj}.metadata.annotations) ? {obj}.metadata.annotations : {{}})"
 
 
 def _check(expression: str, message_expression: str) -> dict:
@@ -102,6 +119,9 @@ def validating_admission_policy() -> dict:
                  "expression": f"{updated} && has(oldObject.spec.attestations) ? oldObject.spec.attestations : []"},
                 {"name": "attestedOne",
                  "expression": f"{updated} && size(variables.newAttestations) == size(variables.oldAttestations) + 1"},
+                {"name": "metadataChanged",
+                 "expression": f"{updated} && ({_labels('object')} != {_labels('oldObject')} || "
+                               f"{_annotations('object')} != {_annotations('oldObject')})"},
             ],
             "validations": [
                 _check(f"!({created}) || object.spec.requester.username == request.userInfo.username",
@@ -145,6 +165,13 @@ def validating_admission_policy() -> dict:
                        "request.userInfo.username)",
                        "'you already attested this request: a builder attests once (' + request.userInfo.username "
                        "+ ')'"),
+                _check("!variables.metadataChanged || oldObject.spec.requester.username == request.userInfo.username"
+                       f" || ({_OPERATOR_IDENTITY}) || authorizer.group('{GROUP}').resource('signrequests')"
+                       ".namespace(request.namespace).name(request.name).check('delete').allowed()",
+                       "'only the requester (' + oldObject.spec.requester.username + '), the keyroom operator or "
+                       "someone who may delete it changes the labels and annotations of SignRequest ' + "
+                       "request.namespace + '/' + request.name + '; ' + request.userInfo.username + "
+                       "' may only append their own approval'"),
             ],
         },
     }
@@ -162,11 +189,7 @@ def operator_admission_policy() -> dict:
                 "apiGroups": [GROUP], "apiVersions": ["*"],
                 "operations": ["CREATE", "UPDATE"], "resources": KINDS,  # not */status: status is its job
             }]},
-            "matchConditions": [{
-                "name": "the-keyroom-operator",
-                "expression": "request.userInfo.username.startsWith('system:serviceaccount:') && "
-                              "request.userInfo.username.endsWith(':keyroom-operator')",
-            }],
+            "matchConditions": [{"name": "the-keyroom-operator", "expression": _OPERATOR_IDENTITY}],
             "validations": [
                 _check("request.operation == 'UPDATE' && "
                        "(has(object.spec) == has(oldObject.spec)) && (!has(object.spec) || object.spec == oldObject.spec)",
@@ -209,11 +232,7 @@ def publishing_admission_policy() -> dict:
                 "apiGroups": [""], "apiVersions": ["v1"], "operations": ["CREATE", "UPDATE", "DELETE"],
                 "resources": ["secrets", "configmaps"],
             }]},
-            "matchConditions": [{
-                "name": "the-keyroom-operator",
-                "expression": "request.userInfo.username.startsWith('system:serviceaccount:') && "
-                              "request.userInfo.username.endsWith(':keyroom-operator')",
-            }],
+            "matchConditions": [{"name": "the-keyroom-operator", "expression": _OPERATOR_IDENTITY}],
             "validations": [
                 _check("request.operation != 'DELETE'", "'the keyroom operator deletes no Secret or ConfigMap'"),
                 _check(f"request.operation != 'UPDATE' || ({_labelled('oldObject')} && "

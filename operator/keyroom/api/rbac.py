@@ -8,7 +8,9 @@ role never reaches beyond the namespaces it is bound in:
   ``kubectl apply`` (client-side and ``--server-side``) and GitOps tools send;
   the CRD makes spec immutable and the admission policy lets an update append
   only the caller's own approval (which separation of duties never counts for
-  the requester) and no attestation, so patch adds no power over a request.
+  the requester) and no attestation, and lets only a request's own requester
+  (or an admin) change its labels and annotations, so patch adds no power over
+  a request, least of all over another person's.
 - ``keyroom-approver``: read, and patch SignRequests (the admission policy lets
   an update do nothing but append the caller's own approval).
 - ``keyroom-builder``: get, patch and ``attest`` SignRequests, nothing else:
