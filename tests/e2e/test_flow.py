@@ -213,28 +213,35 @@ def test_a_replaced_signer_pod_keeps_its_token_and_audit_log(environment, releas
 def test_killing_the_operator_pod_mid_request_signs_each_request_exactly_once(environment, release, unique):
     key = _key(environment, unique)
     _policy(environment, unique, key)
-    old = _ready_pod(environment, "keyroom-operator")
-    # a hundred requests in one apply, so that the operator is still working through them when it is killed
-    names = [unique("sr") for _ in range(100)]
+
+    def scale(replicas: int) -> None:
+        assert kubectl(environment, "-n", RELEASE_NAMESPACE, "scale", "deployment/keyroom-operator",
+                       f"--replicas={replicas}").returncode == 0
+
+    # a backlog the operator is still working through when it is killed: requests made while it is scaled down
+    scale(0)
+    wait_for(lambda: not _pods(environment, "keyroom-operator"), timeout=120, what="the operator pod to go")
+    names = [unique("sr") for _ in range(200)]
     created = apply(environment, {"apiVersion": "v1", "kind": "List", "items": [
         {"apiVersion": "keyroom.dev/v1alpha1", "kind": "SignRequest", "metadata": {"name": name, "namespace": NAMESPACE},
          "spec": {"keyRef": {"name": key}, "requester": identity("alice"), "reason": "e2e: operator killed",
                   "digests": [{"name": f"file-{index}", "value": hashlib.sha256(f"{index}".encode()).hexdigest()}]}}
         for index, name in enumerate(names)]}, identity="alice")
     assert created.returncode == 0, created.stderr
+    scale(1)
+    first = _ready_pod(environment, "keyroom-operator")
 
     def phases() -> list[str]:
         listed = json.loads(kubectl(environment, "-n", NAMESPACE, "get", "signrequests", "-o", "json").stdout)
         return [r.get("status", {}).get("phase", "") for r in listed["items"] if r["metadata"]["name"] in names]
 
     since = time.monotonic()
-    # killed while it is signing: some requests are signed, others not yet
     wait_for(lambda: "Signed" in phases(), timeout=120, what="a first request signed")
-    assert kubectl(environment, "-n", RELEASE_NAMESPACE, "delete", "pod", old["metadata"]["name"],
+    assert kubectl(environment, "-n", RELEASE_NAMESPACE, "delete", "pod", first["metadata"]["name"],
                    "--grace-period=0", "--force").returncode == 0
     unsigned = sum(phase != "Signed" for phase in phases())
     print(f"[e2e] the operator was killed with {unsigned} of {len(names)} requests not yet Signed")
-    _ready_pod(environment, "keyroom-operator", other_than=old["metadata"]["uid"])
+    _ready_pod(environment, "keyroom-operator", other_than=first["metadata"]["uid"])
     STEPS.done("the operator pod killed and a new one Ready", since)
 
     uids = {}
@@ -250,3 +257,22 @@ def test_killing_the_operator_pod_mid_request_signs_each_request_exactly_once(en
     assert set(signed.values()) == {1}, "no request was signed twice"
     assert unsigned > 0, "the operator was killed only after every request was signed: nothing was tested"
     STEPS.done(f"all {len(names)} requests signed once", since)
+
+
+def test_both_components_serve_their_metrics_on_the_ports_the_chart_exposes(environment, release):
+    if KIND:
+        pytest.skip("kind's pod addresses are not reachable from the host; the local node's bridge is")
+    import ssl
+    import urllib.request
+
+    operator = _ready_pod(environment, "keyroom-operator")["status"]["podIP"]
+    with urllib.request.urlopen(f"http://{operator}:9090/metrics", timeout=10) as response:
+        assert "keyroom_token_undeclared_objects" in response.read().decode()
+    signer = _ready_pod(environment, "keyroom-signer")["status"]["podIP"]
+    # the signer's certificate names its Service, not the pod's address: checked against the chart's CA by name
+    tls = json.loads(kubectl(environment, "-n", RELEASE_NAMESPACE, "get", "secret", "keyroom-signer-tls",
+                             "-o", "json").stdout)
+    context = ssl.create_default_context(cadata=base64.b64decode(tls["data"]["ca.crt"]).decode())
+    context.check_hostname = False
+    with urllib.request.urlopen(f"https://{signer}:8443/metrics", timeout=10, context=context) as response:
+        assert "keyroom_signer_signatures" in response.read().decode()
