@@ -6,9 +6,12 @@ local processes), started by the same code as ``python -m keyroom.devenv up``.
 """
 from __future__ import annotations
 
+import http.server
 import json
+import os
 import pathlib
 import subprocess
+import threading
 import time
 import uuid
 from typing import Callable
@@ -16,19 +19,96 @@ from typing import Callable
 import pytest
 import yaml
 
+from keyroom.controllers import notify
 from keyroom.devenv import controlplane, fixtures
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
 
+class WebhookServer:
+    """A local HTTP server standing in for the approvers' webhook: it records every post the operator makes.
+
+    Per request name a test may script it: answer the next posts with given statuses (``respond``) or hold
+    the next post open until released (``hang``).
+    """
+
+    def __init__(self) -> None:
+        self.posts: list[dict] = []
+        self.respond: dict[str, list[int]] = {}
+        self.hang: dict[str, threading.Event] = {}
+        self.hanging: set[str] = set()
+        self.lock = threading.Lock()
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                name = body["request"]["name"]
+                with server.lock:
+                    held = server.hang.pop(name, None)
+                    statuses = server.respond.get(name) or []
+                    status = statuses.pop(0) if statuses else 200
+                if held is not None:
+                    server.hanging.add(name)
+                    held.wait(60)
+                    server.hanging.discard(name)
+                with server.lock:
+                    server.posts.append({"payload": body, "status": status,
+                                         "authorization": self.headers.get("Authorization")})
+                self.send_response(status)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}/hooks/keyroom"
+
+    def received(self, name: str, event: str | None = None) -> list[dict]:
+        """The posts about request ``name`` (of ``event``), in the order they arrived."""
+        with self.lock:
+            return [p for p in self.posts if p["payload"]["request"]["name"] == name
+                    and event in (None, p["payload"]["event"])]
+
+    def stop(self) -> None:
+        for held in list(self.hang.values()):
+            held.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+WEBHOOK_TOKEN = "webhook-token-for-the-tests"
+
+
 @pytest.fixture(scope="session")
-def cluster(tmp_path_factory) -> controlplane.Environment:
+def webhook() -> WebhookServer:
+    server = WebhookServer()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def cluster(tmp_path_factory, webhook) -> controlplane.Environment:
     state_dir = tmp_path_factory.mktemp("keyroom") / "env"
     started = time.monotonic()
+    # the operator (a local process, also when a test restarts it) inherits the environment; it reads the
+    # Secret only when it has news, so the Secret may follow once the API server is up
+    os.environ[notify.SECRET_ENV] = f"{fixtures.SYSTEM_NAMESPACE}/{notify.DEFAULT_SECRET_NAME}"
     environment = controlplane.up(state_dir, operator=True, log=print)
+    environment.run_kubectl("create", "secret", "generic", notify.DEFAULT_SECRET_NAME, "-n",
+                            fixtures.SYSTEM_NAMESPACE, f"--from-literal=url={webhook.url}",
+                            f"--from-literal=token={WEBHOOK_TOKEN}")
     print(f"control plane for the tests up in {time.monotonic() - started:.1f}s")
     yield environment
     controlplane.down(state_dir, log=print)
+    os.environ.pop(notify.SECRET_ENV, None)
 
 
 @pytest.fixture

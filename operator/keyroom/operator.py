@@ -17,6 +17,7 @@ import kopf
 
 from keyroom import metrics
 from keyroom.controllers import certificate as _certificate  # noqa: F401  (registers the handlers)
+from keyroom.controllers import notify as _notify  # noqa: F401
 from keyroom.controllers import policy as _policy  # noqa: F401
 from keyroom.controllers import signingkey as _signingkey  # noqa: F401
 from keyroom.controllers import signrequest as _signrequest  # noqa: F401

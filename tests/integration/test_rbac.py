@@ -319,9 +319,26 @@ def test_the_signer_cannot_change_a_key_or_its_status(cluster, unique):
     assert forbidden(apply(cluster, _key(unique("key"), "team-a"), identity="signer"))
 
 
+def test_the_operator_reads_exactly_one_secret_the_webhook_for_approvers(cluster):
+    """It is there in the session (tests/conftest.py); the operator may get it and nothing beside it."""
+    read = kubectl(cluster, "get", "secret", rbac.NOTIFY_SECRET, "-n", SYSTEM, "-o", "json", identity="operator")
+    assert read.returncode == 0, read.stderr
+    assert can_i(cluster, "operator", "get", f"secrets/{rbac.NOTIFY_SECRET}", SYSTEM)
+    for verb in ("list", "watch", "update", "delete"):
+        assert not can_i(cluster, "operator", verb, f"secrets/{rbac.NOTIFY_SECRET}", SYSTEM)
+    for verb in ("get", "list", "watch"):
+        assert not can_i(cluster, "operator", verb, "secrets", SYSTEM)
+    assert not can_i(cluster, "operator", "get", "secrets/keyroom-signer-tls", SYSTEM)
+    assert not can_i(cluster, "operator", "get", f"secrets/{rbac.NOTIFY_SECRET}", "team-a")
+    assert forbidden(kubectl(cluster, "get", "secrets", "-n", SYSTEM, identity="operator"))
+
+
 def test_the_devenv_and_the_chart_bind_exactly_the_generated_rbac(cluster):
     installed = get(cluster, "role", rbac.SIGNER, namespace=SYSTEM)
     assert installed["rules"] == rbac.signer_role(SYSTEM)["rules"]
+    assert get(cluster, "role", rbac.OPERATOR, namespace=SYSTEM)["rules"] == rbac.operator_role(SYSTEM)["rules"]
+    bound = get(cluster, "rolebinding", rbac.OPERATOR, namespace=SYSTEM)
+    assert bound["subjects"] == [{"kind": "ServiceAccount", "name": rbac.OPERATOR, "namespace": SYSTEM}]
     for name in (rbac.OPERATOR, rbac.SIGNER):
         binding = json.loads(kubectl(cluster, "get", "clusterrolebinding", name, "-o", "json").stdout)
         assert binding["subjects"] == [{"kind": "ServiceAccount", "name": name, "namespace": SYSTEM}]

@@ -43,6 +43,10 @@ their code calls, nothing for later:
   namespace. It runs Kopf standalone, so it needs no peering objects, and has
   no create/update of the kinds: spec is written by people. (Patch on the
   kinds could also touch spec; the admission policy refuses that.)
+- ``keyroom-operator`` (Role, only in the operator's own namespace, see
+  :func:`operator_role`): ``get`` on the one Secret ``keyroom-notify-webhook``
+  (the approvers' webhook URL and token, read only when a notification is
+  sent); no list or watch, no other Secret.
 - ``keyroom-signer`` (ClusterRole, bound cluster-wide): get/list/watch on the
   four kinds (it re-reads every request, key and policy itself, in whatever
   namespace it lives) and create TokenReviews (to authenticate its callers).
@@ -59,7 +63,7 @@ their code calls, nothing for later:
   admission policy on the signer's creates can close that.
 
 :func:`cluster_roles` is generated into ``crds/rbac.yaml``;
-:func:`component_bindings` (ServiceAccount bindings plus the namespaced Role)
+:func:`component_bindings` (ServiceAccount bindings plus the namespaced Roles)
 into the Helm chart's ``templates/rbac.yaml`` and the local control plane.
 """
 from __future__ import annotations
@@ -73,6 +77,8 @@ READ = ["get", "list", "watch"]
 RBAC_API = "rbac.authorization.k8s.io"
 OPERATOR = "keyroom-operator"
 SIGNER = "keyroom-signer"
+#: the one Secret the operator may read, in its own namespace: the approvers' webhook (keyroom.controllers.notify)
+NOTIFY_SECRET = "keyroom-notify-webhook"
 LABELS = {"app.kubernetes.io/part-of": "keyroom"}
 
 
@@ -143,6 +149,17 @@ def signer_role(namespace: str) -> dict:
     }
 
 
+def operator_role(namespace: str) -> dict:
+    """The operator's rights in its own namespace: read the one Secret that configures approvers' webhook."""
+    return {
+        "apiVersion": f"{RBAC_API}/v1",
+        "kind": "Role",
+        "metadata": _metadata(OPERATOR, "The keyroom operator's webhook for approvers: get (never list or watch) "
+                                        f"the Secret {NOTIFY_SECRET}, nothing else.", namespace),
+        "rules": [{"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"], "resourceNames": [NOTIFY_SECRET]}],
+    }
+
+
 def _binding(kind: str, role_kind: str, name: str, namespace: str) -> dict:
     """A binding of the role ``name`` to the ServiceAccount ``name`` in ``namespace``."""
     return {
@@ -155,10 +172,12 @@ def _binding(kind: str, role_kind: str, name: str, namespace: str) -> dict:
 
 
 def component_bindings(namespace: str) -> list[dict]:
-    """Bindings of the components' ServiceAccounts in ``namespace`` to their roles, and the signer's Role there."""
+    """Bindings of the components' ServiceAccounts in ``namespace`` to their roles, and their Roles there."""
     return [
         _binding("ClusterRoleBinding", "ClusterRole", OPERATOR, namespace),
         _binding("ClusterRoleBinding", "ClusterRole", SIGNER, namespace),
         signer_role(namespace),
         _binding("RoleBinding", "Role", SIGNER, namespace),
+        operator_role(namespace),
+        _binding("RoleBinding", "Role", OPERATOR, namespace),
     ]

@@ -38,6 +38,7 @@ from keyroom import conditions, policy, schedule
 from keyroom.api.common import GROUP, VERSION
 from keyroom.api.signrequest import TERMINAL_PHASES
 from keyroom.controllers import kube
+from keyroom.controllers.notify import Notifier, transition
 from keyroom.signer.client import SignerClient, SignerError, digests_fingerprint
 
 logger = logging.getLogger("keyroom.signrequest")
@@ -234,8 +235,8 @@ class Reconciler:
     """Decides and acts for one request at a time (per-request lock); shared by all the triggers."""
 
     def __init__(self, *, requests: Requests, signer: SignerClient | None, keys: kopf.Index,
-                 policies: kopf.Index, key_labels: kopf.Index) -> None:
-        self.requests, self.signer = requests, signer
+                 policies: kopf.Index, key_labels: kopf.Index, notifier: Notifier | None = None) -> None:
+        self.requests, self.signer, self.notifier = requests, signer, notifier
         self.keys, self.policies, self.key_labels = keys, policies, key_labels
 
     async def __call__(self, namespace: str, name: str) -> None:
@@ -266,6 +267,9 @@ class Reconciler:
         meta = body["metadata"]
         written = await kube.patch_status(plural="signrequests", namespace=meta["namespace"], name=meta["name"],
                                           status=patch)
+        event = transition(body.get("status") or {}, written.get("status") or {})
+        if event is not None and self.notifier is not None:
+            self.notifier.notify(written, event=event)
         self.requests.remember(written)
         return self.requests.bodies[(meta["namespace"], meta["name"])]
 
@@ -437,7 +441,7 @@ class Reconciler:
 def _reconciler(memo: kopf.Memo, signing_keys: kopf.Index, policies_by_namespace: kopf.Index,
                 keys_by_namespace: kopf.Index) -> Reconciler:
     return Reconciler(requests=memo.signrequests, signer=memo.get("signer"), keys=signing_keys,
-                      policies=policies_by_namespace, key_labels=keys_by_namespace)
+                      policies=policies_by_namespace, key_labels=keys_by_namespace, notifier=memo.get("notifier"))
 
 
 # ---------------------------------------------------------------- triggers
