@@ -513,8 +513,15 @@ class Token:
         pool.put(pooled)
 
     def _replace(self, pooled: _Pooled) -> _Pooled:
-        """A fresh session (logged in again if the login was lost) for a broken one; the old one if that fails."""
+        """A fresh session (logged in again if the login was lost) for a broken one; still broken if that fails.
+
+        The broken session is closed before the new one is opened: a token may
+        hand a freed handle out again (openCryptoki does), and closing the old
+        handle after opening would then close the new session.
+        """
         token, module = self._token, self._module
+        self._close_sessions([pooled.session])
+        pooled.keys.clear()
         try:
             session = token.open(rw=True)
         except (p11.PKCS11Error, AttributeError) as error:
@@ -527,7 +534,6 @@ class Token:
             logger.error("cannot log in again: %s (%s)", error, error.reason)
             self._close_sessions([session])
             return pooled
-        self._close_sessions([pooled.session])
         logger.info("replaced a broken PKCS#11 session")
         return _Pooled(session)
 
@@ -541,7 +547,7 @@ class Token:
             return HSMError("DeviceError", f"{what}: the session or login was lost ({name}); retry")
         if isinstance(error, p11.DeviceMemory | p11.HostMemory):
             return HSMError("TokenFull", f"{what}: the token is out of memory ({name})")
-        if isinstance(error, _HANDLE_STALE | p11.NoSuchKey):
+        if isinstance(error, (*_HANDLE_STALE, p11.NoSuchKey)):
             return HSMError("KeyNotFound", f"{what}: the key is gone ({name})")
         if isinstance(error, p11.MechanismInvalid | p11.MechanismParamInvalid | p11.KeySizeRange
                       | p11.DomainParamsInvalid | p11.KeyTypeInconsistent | p11.DataLenRange | p11.DataInvalid
