@@ -25,3 +25,16 @@ def test_recomputing_an_unchanged_status_changes_nothing():
     first = desired_status(spec=SPEC, generation=1, status={}, keys=[("k1", {"team": "a"})])
     second = desired_status(spec=SPEC, generation=1, status=first, keys=[("k1", {"team": "a"})])
     assert second == first
+
+
+def test_the_status_stays_bounded_whatever_the_number_of_keys():
+    keys = [(f"key-{index:05d}", {"team": "a"}) for index in range(5000)]
+    status = desired_status(spec={"keySelector": {"matchLabels": {"team": "a"}}}, generation=1, status={}, keys=keys)
+    assert status["matchedKeyCount"] == 5000
+    assert status["matchedKeys"] == [name for name, _ in keys[:100]]
+    assert status["message"].startswith("governs 5000 key(s): key-00000, key-00001")
+    assert status["message"].endswith("and 4990 more") and len(status["message"]) < 4096
+    # the same keys in another order give the same status, so a re-list writes nothing
+    again = desired_status(spec={"keySelector": {"matchLabels": {"team": "a"}}}, generation=1, status=status,
+                           keys=list(reversed(keys)))
+    assert again == status

@@ -125,8 +125,10 @@ KIND = Kind(
     description="Who may sign with which SigningKeys of the namespace, and what approval a signature needs.",
     spec=SPEC,
     status_properties={
-        "matchedKeys": array("The SigningKeys this policy selects now.", name("A SigningKey name."),
-                             max_items=1024, list_type="set"),
+        "matchedKeyCount": integer("How many SigningKeys this policy selects now.", minimum=0),
+        "matchedKeys": array("The SigningKeys this policy selects now, sorted; the first 100 when it selects more "
+                             "(matchedKeyCount counts them all).", name("A SigningKey name."),
+                             max_items=100, list_type="set"),
         "message": string("A human summary of the policy's state.", max_length=4096),
     },
     condition_types=CONDITION_TYPES,
@@ -135,7 +137,7 @@ KIND = Kind(
                        description="Approvals a request needs"),
         printer_column("Builds", ".spec.matchingBuilds.required", type="integer",
                        description="Matching builds a request needs"),
-        printer_column("Keys", ".status.matchedKeys", description="SigningKeys the policy selects"),
+        printer_column("Keys", ".status.matchedKeyCount", type="integer", description="SigningKeys the policy selects"),
         ready_column(),
         age_column(),
     ],

@@ -30,21 +30,38 @@ def policies_by_namespace(namespace: str, body: kopf.Body, **_: Any) -> dict:
                         "status": dict(body.get("status") or {})}}
 
 
+#: at most this many key names in status.matchedKeys (a policy may select thousands; status.matchedKeyCount counts all)
+MATCHED_KEYS_LISTED = 100
+#: at most this many key names in the status message and the KeysSelected event
+NAMES_IN_MESSAGE = 10
+
+
+def _names(names: list[str]) -> str:
+    shown = ", ".join(names[:NAMES_IN_MESSAGE])
+    return shown + (f" and {len(names) - NAMES_IN_MESSAGE} more" if len(names) > NAMES_IN_MESSAGE else "")
+
+
 def desired_status(*, spec: Mapping, generation: int, status: Mapping,
                    keys: list[tuple[str, Mapping[str, str]]]) -> dict:
-    """The policy's status for the keys that exist now (pure)."""
+    """The policy's status for the keys that exist now (pure).
+
+    Its size does not grow with the number of keys: the count is exact, the
+    list of names and the message are capped (sorted, so the same keys always
+    give the same status and no write).
+    """
     matched = policy.matched_keys(spec, keys)
     missing = sorted(set(spec.get("keys") or []) - {name for name, _ in keys})
     if matched:
-        reason, message = "KeysSelected", f"governs {len(matched)} key(s): {', '.join(matched)}"
+        reason, message = "KeysSelected", f"governs {len(matched)} key(s): {_names(matched)}"
     else:
         reason, message = "NoKeysSelected", "selects no SigningKey of the namespace yet"
     if missing:
-        message += f"; not found: {', '.join(missing)}"
+        message += f"; not found: {_names(missing)}"
     ready = conditions.condition("Ready", True, reason, message, generation=generation)
     return {
         "observedGeneration": generation,
-        "matchedKeys": matched,
+        "matchedKeyCount": len(matched),
+        "matchedKeys": matched[:MATCHED_KEYS_LISTED],
         "message": message,
         "conditions": conditions.merge(status.get("conditions"), [
             ready,
@@ -83,9 +100,9 @@ async def _reconcile(*, body: Mapping, spec: Mapping, status: Mapping, generatio
     desired = desired_status(spec=spec, generation=generation, status=status, keys=keys)
     if not _changed(status, desired):
         return
-    before = set(status.get("matchedKeys") or [])
+    before = (status.get("matchedKeyCount"), status.get("matchedKeys") or [])
     await kube.patch_status(plural="signingpolicies", namespace=namespace, name=body["metadata"]["name"],
                             status=desired)
-    if set(desired["matchedKeys"]) != before:
+    if (desired["matchedKeyCount"], desired["matchedKeys"]) != before:
         kopf.info(body, reason="KeysSelected" if desired["matchedKeys"] else "NoKeysSelected",
                   message=desired["message"])
