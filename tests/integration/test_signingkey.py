@@ -12,6 +12,7 @@ import datetime
 import hashlib
 import json
 import subprocess
+import uuid
 
 import pytest
 from cryptography.hazmat.primitives import serialization
@@ -255,6 +256,27 @@ def test_the_operator_reports_token_objects_no_key_declares(cluster):
     wait_for(lambda: "keyroom:team-a/stray:v1" in log.read_text() and "declared by no SigningKey" in log.read_text(),
              timeout=30, what="the operator to report the stray object")
     assert stray.label in token_labels(cluster)  # reported, not destroyed
+
+
+def test_a_stray_keyroom_object_is_a_warning_event_on_its_keys_namespace(cluster, unique):
+    stray = KeyHandle(namespace="team-a", name=unique("gone"), uid=str(uuid.uuid4()), version=2)
+    plant_key(cluster, label=stray.label, object_id=stray.object_id)
+    log = cluster.state_dir / "logs" / "operator.log"
+
+    def events() -> list[dict]:
+        listed = kubectl(cluster, "get", "events", "-n", NAMESPACE, "--field-selector",
+                         "reason=UndeclaredKeyObject", "-o", "json")
+        assert listed.returncode == 0, listed.stderr
+        return [e for e in json.loads(listed.stdout)["items"] if stray.label in e["message"]]
+
+    found = wait_for(events, timeout=60, what="an UndeclaredKeyObject event (operator log: "
+                     f"{[line for line in log.read_text().splitlines() if 'token audit' in line][-3:]})")
+    assert len(found) == 1
+    event = found[0]
+    assert (event["type"], event["involvedObject"]["kind"], event["involvedObject"]["name"]) == (
+        "Warning", "Namespace", "team-a")
+    assert f"SigningKey {stray.name} version 2" in event["message"] and stray.uid in event["message"]
+    assert stray.label in token_labels(cluster)  # reported, never destroyed
 
 
 def test_key_material_destroyed_outside_keyroom_stalls_the_key_until_a_rotation(cluster, unique):

@@ -35,6 +35,38 @@ def test_a_keyroom_object_finding_is_an_event_on_its_namespace_and_a_foreign_one
             "key": {"namespace": "team-a", "name": "gone", "uid": "uid-1", "version": 2}}
     event = finding_event(item)
     assert event["metadata"]["namespace"] == "team-a" and event["involvedObject"] == {
-        "apiVersion": "v1", "kind": "Namespace", "name": "team-a"}
+        "apiVersion": "v1", "kind": "Namespace", "name": "team-a", "namespace": "team-a"}  # else refused (422)
     assert event["type"] == "Warning" and event["reason"] == "UndeclaredKeyObject" and "gone" in event["message"]
     assert finding_event({"label": "someone-else", "key": None}) is None
+
+
+def test_an_event_the_api_server_refuses_neither_skips_the_audit_nor_counts_as_reported(monkeypatch):
+    import asyncio
+
+    import kubernetes
+
+    from keyroom.controllers import kube, tokenaudit
+
+    gone = {"label": "keyroom:gone-team/gone:v1:uid-1",
+            "key": {"namespace": "gone-team", "name": "gone", "uid": "uid-1", "version": 1}}
+    here = {"label": "keyroom:team-a/old:v1:uid-2",
+            "key": {"namespace": "team-a", "name": "old", "uid": "uid-2", "version": 1}}
+    posted = []
+
+    def post(event):
+        if event["metadata"]["namespace"] == "gone-team":
+            raise kubernetes.client.ApiException(status=404, reason="Not Found")
+        posted.append(event)
+
+    class Signer:
+        async def list_objects(self):
+            return [gone, here]
+
+    async def no_keys(**_):
+        return []
+
+    monkeypatch.setattr(tokenaudit, "_post_event", post)
+    monkeypatch.setattr(kube, "list_all", no_keys)
+    reported: set[str] = set()
+    assert asyncio.run(tokenaudit.audit_once(Signer(), reported)) == sorted([gone["label"], here["label"]])
+    assert [e["metadata"]["namespace"] for e in posted] == ["team-a"] and reported == {here["label"]}

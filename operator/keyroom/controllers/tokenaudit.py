@@ -50,7 +50,10 @@ def finding_event(item: Mapping) -> dict | None:
         return None
     return {
         "metadata": {"generateName": "keyroom-token-audit-", "namespace": handle["namespace"]},
-        "involvedObject": {"apiVersion": "v1", "kind": "Namespace", "name": handle["namespace"]},
+        # the API server refuses an Event whose namespace differs from its involved object's, and a Namespace's
+        # own namespace is itself: without it the Event is invalid (422)
+        "involvedObject": {"apiVersion": "v1", "kind": "Namespace", "name": handle["namespace"],
+                           "namespace": handle["namespace"]},
         "type": "Warning", "reason": "UndeclaredKeyObject", "source": {"component": "keyroom-operator"},
         "message": (f"the HSM holds {item['label']} (SigningKey {handle['name']} version {handle['version']}, "
                     f"uid {handle['uid']}), which no SigningKey declares; it is kept: remove it deliberately"),
@@ -73,9 +76,15 @@ async def audit_once(signer: Any, reported: set[str] | None = None) -> list[str]
         logger.warning("token object %r is declared by no SigningKey; it is kept, remove it deliberately", label)
     for item in objects:
         event = finding_event(item) if item["label"] in undeclared and item["label"] not in reported else None
-        if event is not None:
+        if event is None:
+            continue
+        try:
             await asyncio.to_thread(_post_event, event)
-            reported.add(item["label"])
+        except kubernetes.client.ApiException as error:  # e.g. the Namespace is gone: the next round tries again
+            logger.info("token audit: no Event for %r in namespace %s: %s %s", item["label"],
+                        event["metadata"]["namespace"], error.status, error.reason)
+            continue
+        reported.add(item["label"])
     return undeclared
 
 
