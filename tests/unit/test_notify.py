@@ -59,3 +59,24 @@ def test_retries_back_off_exponentially_up_to_a_minute():
     delays = [notify.retry_delay(attempt) for attempt in (1, 2, 3, 10)]
     assert 0.8 <= delays[0] <= 1.2 and 1.6 <= delays[1] <= 2.4 and 3.2 <= delays[2] <= 4.8
     assert delays[3] <= notify.MAX_RETRY * 1.2
+
+
+def test_the_worker_outlives_a_notification_it_cannot_send(caplog):
+    import asyncio
+
+    def broken(namespace: str, name: str) -> notify.Webhook:
+        raise RuntimeError("https://user:secret@hooks.example/x")
+
+    async def scenario() -> None:
+        notifier = notify.Notifier(secret=("keyroom-system", "keyroom-notify-webhook"), read_secret=broken)
+        worker = asyncio.create_task(notifier.run())
+        notifier.notify(_body(uid="u-1"), event="AwaitingApproval")
+        notifier.notify(_body(uid="u-2"), event="AwaitingApproval")
+        while not notifier.queue.empty():
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.05)
+        assert not worker.done()
+        worker.cancel()
+
+    asyncio.run(scenario())
+    assert caplog.text.count("dropped: RuntimeError") == 2 and "secret@" not in caplog.text

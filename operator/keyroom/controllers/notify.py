@@ -184,7 +184,13 @@ class Notifier:
         timeout = aiohttp.ClientTimeout(total=TIMEOUT)
         async with aiohttp.ClientSession(timeout=timeout) as session:
             while True:
-                await self._deliver(session, await self.queue.get())
+                message = await self.queue.get()
+                try:
+                    await self._deliver(session, message)
+                except Exception as error:  # noqa: BLE001  the worker outlives any one notification
+                    # the type only: an exception's text may quote the URL, which can hold a credential
+                    logger.error("notification %s of %s/%s dropped: %s", message["event"],
+                                 message["request"]["namespace"], message["request"]["name"], type(error).__name__)
 
     async def _webhook_now(self) -> Webhook:
         if self._webhook is None or self._webhook[1] < time.monotonic():
