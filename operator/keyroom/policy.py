@@ -14,8 +14,8 @@ from keyroom import schedule
 #: How long a request waits when no policy says (the SigningPolicy default).
 DEFAULT_REQUEST_TTL = "24h"
 RATE_WINDOW = datetime.timedelta(hours=1)
-#: the signature formats the signer produces (cms, authenticode and jar embed the key version's certificate)
-SUPPORTED_FORMATS = ("raw", "cms", "authenticode", "jar", "sigstore")
+#: the signature formats the signer produces (cms, authenticode, jar and apk embed the key version's certificate)
+SUPPORTED_FORMATS = ("raw", "cms", "authenticode", "jar", "sigstore", "apk")
 
 
 def _requirement_holds(labels: Mapping[str, str], requirement: Mapping) -> bool:

@@ -26,6 +26,9 @@ DIGEST_HEX_LENGTH = {"SHA256": 64, "SHA384": 96, "SHA512": 128}
 MAX_CERTIFICATE_DIGESTS = 100
 #: the longest JAR manifest a request carries, base64
 MAX_MANIFEST_LENGTH = 1_048_576
+#: the longest APK signed data block a request carries, base64 (16 KiB: one digest, certificate and attribute)
+MAX_SIGNED_DATA_LENGTH = 21_848
+APK_SCHEMES = ["v2", "v3"]
 
 _groups = string_list("Groups, as the API server authenticated them.", max_items=64)
 
@@ -65,6 +68,24 @@ _attestation = obj(
     required=["user", "digests"],
 )
 
+_apk = obj(
+    "format apk only: what the signer signs for the APK, built by the client around the APK's content digest "
+    "(the request's one digest) and the certificate of certificateRef. The signer checks each block before "
+    "signing it and returns the APK Signing Block.",
+    {
+        "signedData": array("The signed data of each APK Signature Scheme, one block per scheme.", obj(
+            "One scheme's signed data.",
+            {
+                "scheme": string("v2 (Android 7+) or v3 (Android 9+).", enum=APK_SCHEMES),
+                "value": string("The signed data, base64.", min_length=4, max_length=MAX_SIGNED_DATA_LENGTH,
+                                pattern=r"^[A-Za-z0-9+/]*={0,2}$"),
+            },
+            required=["scheme", "value"],
+        ), min_items=1, max_items=len(APK_SCHEMES), list_type="map", map_keys=["scheme"]),
+    },
+    required=["signedData"],
+)
+
 _length_by_algorithm = " : ".join(
     f"self.digestAlgorithm == '{algorithm}' ? {length}" for algorithm, length in DIGEST_HEX_LENGTH.items()
 ) + " : 0"
@@ -88,14 +109,16 @@ SPEC = obj(
         "reason": string("Why the signatures are needed, shown to approvers, e.g. 'release 1.4.2'.", max_length=1024),
         "format": string("raw: a signature over each digest; cms: a detached CMS SignedData with the certificate "
                          "chain; authenticode: the PKCS#7 for a PE file's Authenticode digest; jar: the signature "
-                         "block for the JAR manifest in spec.manifest; sigstore: a Sigstore bundle v0.3.",
+                         "block for the JAR manifest in spec.manifest; sigstore: a Sigstore bundle v0.3; apk: the "
+                         "APK Signing Block (v2, v3) over the signed data in spec.apk.",
                          enum=FORMATS, default="raw"),
-        "certificateRef": object_reference("The Certificate whose certificate cms, authenticode and jar signatures "
-                                           "embed; by default the key version's valid certificate.",
+        "certificateRef": object_reference("The Certificate whose certificate cms, authenticode, jar and apk "
+                                           "signatures embed; by default the key version's valid certificate.",
                                            what="Certificate"),
         "manifest": string("format jar only: the JAR's META-INF/MANIFEST.MF, base64. The digest is the manifest's "
                            "digest; the signer derives the signature file from it.",
                            max_length=MAX_MANIFEST_LENGTH, pattern=r"^[A-Za-z0-9+/]*={0,2}$"),
+        "apk": _apk,
         "digestAlgorithm": string("The algorithm the digests were computed with.", enum=DIGEST_ALGORITHMS,
                                   default="SHA256"),
         "digests": array("The digests to sign, at most 500.", _digest, min_items=1,
@@ -116,11 +139,14 @@ SPEC = obj(
         rule("self.format == 'jar' ? (has(self.manifest) && size(self.digests) == 1) : !has(self.manifest)",
              "format jar signs one JAR: exactly one digest (the manifest's) and spec.manifest; other formats carry "
              "no manifest", field_path=".manifest"),
+        rule("self.format == 'apk' ? (has(self.apk) && size(self.digests) == 1) : !has(self.apk)",
+             "format apk signs one APK: exactly one digest (its content digest) and spec.apk; other formats carry "
+             "no spec.apk", field_path=".apk"),
         rule(f"!(self.format in {CERTIFICATE_FORMATS!r}) || size(self.digests) <= {MAX_CERTIFICATE_DIGESTS}",
              f"cms, authenticode and jar requests carry at most {MAX_CERTIFICATE_DIGESTS} digests (each signature "
              "embeds the certificate chain); split the files over several requests", field_path=".digests"),
         *(_unchanged(field) for field in ("keyRef", "requester", "reason", "format", "digestAlgorithm", "digests",
-                                          "certificateRef", "manifest")),
+                                          "certificateRef", "manifest", "apk")),
         rule("!has(oldSelf.approvals) || (has(self.approvals) && size(self.approvals) >= size(oldSelf.approvals) && "
              "self.approvals.slice(0, size(oldSelf.approvals)) == oldSelf.approvals)",
              "approvals are append-only: existing entries cannot be removed or edited", field_path=".approvals"),
@@ -141,7 +167,7 @@ KIND = Kind(
         "phase": string("Pending, Approved, Signing, Signed, Denied, Expired or Failed. "
                         "Signed, Denied, Expired and Failed are final.", enum=PHASES),
         "keyVersion": integer("The key version that signed.", minimum=1),
-        "certificate": obj("The certificate the signatures embed (cms, authenticode, jar).", {
+        "certificate": obj("The certificate the signatures embed (cms, authenticode, jar, apk).", {
             "name": string("The Certificate's name.", max_length=253),
             "serialNumber": string("Its serial number, hex.", max_length=64),
             "fingerprint": string("sha256 of the DER certificate, as sha256:<hex>.", max_length=80),

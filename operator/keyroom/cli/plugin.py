@@ -26,7 +26,7 @@ import click
 import kubernetes
 
 from keyroom import policy
-from keyroom.cli import jar, pe
+from keyroom.cli import apk, jar, pe
 from keyroom.cli.common import (ERROR, GROUP, INTERRUPTED, OK, USAGE_OR_TIMEOUT, VERSION, CliError, Cluster,
                                 api_error, emit, note, output_option, progress, render_table, with_target)
 from keyroom.signer.formats import FormatError
@@ -38,7 +38,7 @@ FINAL = ("Signed", "Denied", "Expired", "Failed")
 MAX_FILES = 500
 #: digests of one request whose signatures embed a certificate chain (the API's limit for cms, authenticode, jar)
 MAX_CERTIFICATE_DIGESTS = 100
-CERTIFICATE_FORMATS = ("cms", "authenticode", "jar")
+CERTIFICATE_FORMATS = ("cms", "authenticode", "jar", "apk")
 _note = note
 
 
@@ -56,7 +56,8 @@ def file_digest(path: pathlib.Path, algorithm: str = "SHA256",
 
 
 #: what each format writes: a signature file beside the input (suffix), or a signed copy of the input
-FORMAT_OUTPUTS = {"raw": ".sig", "cms": ".p7s", "sigstore": ".sigstore.json", "authenticode": None, "jar": None}
+FORMAT_OUTPUTS = {"raw": ".sig", "cms": ".p7s", "sigstore": ".sigstore.json", "authenticode": None, "jar": None,
+                  "apk": None}
 
 
 def format_digest(path: pathlib.Path, fmt: str, algorithm: str,
@@ -73,7 +74,12 @@ def format_digest(path: pathlib.Path, fmt: str, algorithm: str,
             if advance is not None:
                 advance(path.stat().st_size)
             return hashlib.new(algorithm.lower(), manifest).hexdigest(), manifest
-    except (pe.PEError, jar.JarError) as error:
+        if fmt == "apk":
+            digest = apk.content_digest(path, algorithm, replace_signature=True).hex()
+            if advance is not None:
+                advance(path.stat().st_size)
+            return digest, None
+    except (pe.PEError, jar.JarError, apk.ApkError) as error:
         raise CliError(f"{path}: {error}") from None
     return file_digest(path, algorithm, advance), None
 
@@ -81,17 +87,32 @@ def format_digest(path: pathlib.Path, fmt: str, algorithm: str,
 def sign_request_body(files: list[pathlib.Path], *, key: str, namespace: str, identity: dict, reason: str = "",
                       algorithm: str = "SHA256", fmt: str = "raw", name: str | None = None,
                       certificate: str | None = None, advance: Callable[[int], None] | None = None,
-                      hashing: Callable[[pathlib.Path], None] | None = None) -> dict:
+                      hashing: Callable[[pathlib.Path], None] | None = None,
+                      apk_certificate: bytes | None = None, replace: bool = False) -> dict:
     """The SignRequest for ``files``: one digest per file, named by its base name.
 
     authenticode digests are Authenticode digests of PE files; jar signs one
     JAR, whose manifest the request carries (the signer derives what it signs
-    from it).
+    from it); apk signs one APK: its content digest, and the v2 and v3 signed
+    data built around it and ``apk_certificate`` (the DER certificate of
+    ``certificate``), whose key's algorithm decides the digest algorithm.
     """
     if not files:
         raise CliError("name at least one file to sign")
-    if fmt == "jar" and len(files) != 1:
-        raise CliError("format jar signs one JAR per request: run kubectl keyroom sign once per JAR")
+    if fmt in ("jar", "apk") and len(files) != 1:
+        raise CliError(f"format {fmt} signs one {fmt.upper()} per request: run kubectl keyroom sign once per "
+                       f"{fmt.upper()}")
+    apk_fields = None
+    if fmt == "apk":
+        if not certificate or apk_certificate is None:
+            raise CliError("format apk puts the certificate into what is signed: name it with --certificate")
+        try:
+            algorithm, _, blocks = apk.signed_data(files[0], certificate_der=apk_certificate,
+                                                   replace_signature=replace)
+        except apk.ApkError as error:
+            raise CliError(str(error)) from None
+        apk_fields = {"signedData": [{"scheme": scheme, "value": base64.b64encode(data).decode()}
+                                     for scheme, data in blocks]}
     if len(files) > MAX_FILES:
         raise CliError(f"at most {MAX_FILES} files fit in one SignRequest, not {len(files)}")
     names = [f.name for f in files]
@@ -113,6 +134,8 @@ def sign_request_body(files: list[pathlib.Path], *, key: str, namespace: str, id
             "digests": digests}
     if manifest is not None:
         spec["manifest"] = base64.b64encode(manifest).decode()
+    if apk_fields is not None:
+        spec["apk"] = apk_fields
     if certificate:
         spec["certificateRef"] = {"name": certificate}
     if reason:
@@ -197,9 +220,11 @@ def write_output(fmt: str, source: pathlib.Path, path: pathlib.Path, signature: 
             jar.write_signed(source, path, manifest=manifest, block=signature, overwrite=path == source,
                              signature_file=jar_format.signature_file(manifest, digest_algorithm=algorithm),
                              block_name=jar_format.block_extension(certificate))
+        elif fmt == "apk":
+            apk.write_signed(source, path, signature, overwrite=path == source)
         else:
             path.write_bytes(signature)
-    except (pe.PEError, jar.JarError, FormatError) as error:
+    except (pe.PEError, jar.JarError, apk.ApkError, FormatError) as error:
         raise CliError(f"{source}: {error}") from None
 
 
@@ -406,10 +431,11 @@ def cli() -> None:
 @click.option("--digest", default="SHA256", type=click.Choice(["SHA256", "SHA384", "SHA512"]), show_default=True)
 @click.option("--format", "fmt", default="raw", type=click.Choice(list(FORMAT_OUTPUTS)), show_default=True,
               help="raw: FILE.sig; cms: FILE.p7s (detached CMS with the certificate chain); authenticode: a signed "
-                   "copy of the PE file; jar: a signed copy of the JAR; sigstore: FILE.sigstore.json")
-@click.option("--certificate", help="the Certificate cms, authenticode and jar embed (default: the key version's "
-                                    "valid certificate)")
-@click.option("--in-place", is_flag=True, help="authenticode, jar: replace the input (and an existing signature) "
+                   "copy of the PE file; jar: a signed copy of the JAR; sigstore: FILE.sigstore.json; apk: a signed "
+                   "copy of the APK (v2 and v3)")
+@click.option("--certificate", help="the Certificate cms, authenticode, jar and apk embed (default: the key "
+                                    "version's valid certificate; apk needs it named)")
+@click.option("--in-place", is_flag=True, help="authenticode, jar, apk: replace the input (and an existing signature) "
                                                "with the signed file")
 @click.option("--name", help="the SignRequest's name (default: generated from the key's); NAME-1, NAME-2... when "
                              "the files are split over several requests")
@@ -439,6 +465,7 @@ def sign(files, key, reason, digest, fmt, certificate, in_place, name, wait, tim
         _note(f"{len(files)} files exceed the {limit} digests one request for {key} may carry: "
               f"splitting into {len(groups)} requests")
     identity = cluster.whoami()
+    apk_certificate = _certificate_der(cluster, certificate) if fmt == "apk" and certificate else None
     created = []
     total = sum(f.stat().st_size for f in files)
     with progress(total, len(files)) as bar:
@@ -447,6 +474,7 @@ def sign(files, key, reason, digest, fmt, certificate, in_place, name, wait, tim
             group_name = f"{name}-{number}" if name and len(groups) > 1 else name
             body = sign_request_body(group, key=key, namespace=cluster.namespace, identity=identity, reason=reason,
                                      algorithm=digest, fmt=fmt, name=group_name, certificate=certificate,
+                                     apk_certificate=apk_certificate, replace=in_place,
                                      advance=lambda n: bar.advance(task, n),
                                      hashing=lambda p: bar.update(task, current=p.name))
             created.append(cluster.custom.create_namespaced_custom_object(GROUP, VERSION, cluster.namespace,
@@ -490,6 +518,21 @@ def sign(files, key, reason, digest, fmt, certificate, in_place, name, wait, tim
                        "message": status.get("message", ""), "files": written})
     emit(finals, output, lambda: None)
     return code
+
+
+def _certificate_der(cluster: Cluster, name: str) -> bytes:
+    """The DER certificate the Certificate ``name`` was last issued (what an APK's signed data carries)."""
+    from cryptography import x509 as crypto_x509
+    from cryptography.hazmat.primitives import serialization
+
+    try:
+        found = cluster.custom.get_namespaced_custom_object(GROUP, VERSION, cluster.namespace, "certificates", name)
+    except kubernetes.client.ApiException as error:
+        raise api_error(error) from None
+    pem = (found.get("status") or {}).get("certificate")
+    if not pem:
+        raise CliError(f"Certificate {cluster.namespace}/{name} has no certificate yet; wait until it is Ready")
+    return crypto_x509.load_pem_x509_certificate(pem.encode()).public_bytes(serialization.Encoding.DER)
 
 
 def _digest_limit(cluster: Cluster, key: str, fmt: str) -> int:

@@ -48,6 +48,7 @@ from keyroom.api.common import GROUP, VERSION
 from keyroom.api.signingpolicy import CERTIFICATE_FORMATS
 from keyroom.signer import audit, certificates, formats, hsm, keys
 from keyroom.signer.client import digests_fingerprint
+from keyroom.signer.formats import apk
 
 logger = logging.getLogger("keyroom.signer")
 
@@ -495,6 +496,19 @@ class RequestSigner:
         except ValueError:
             raise Refused("ManifestMismatch", "spec.manifest is not base64", status=422) from None
 
+    async def _apk_signed_data(self, spec: Mapping, embedded: certificates.Usable,
+                               request_ref: dict) -> list[tuple[str, bytes]]:
+        """spec.apk's signed data blocks, if each carries the request's content digest and the chosen certificate."""
+        try:
+            blocks = [(item["scheme"], base64.b64decode(item["value"], validate=True))
+                      for item in (spec.get("apk") or {}).get("signedData") or []]
+            apk.check(blocks, digest=bytes.fromhex(spec["digests"][0]["value"]),
+                      digest_algorithm=spec.get("digestAlgorithm", "SHA256"), certificate_der=embedded.certificate.der)
+        except (KeyError, ValueError) as error:  # FormatError is a ValueError, as a bad base64 or hex is
+            raise await self._refuse("SignedDataMismatch", f"spec.apk cannot be signed: {error}",
+                                     request_ref=request_ref, status=422) from None
+        return blocks
+
     async def _append_signed(self, intent: dict, result: dict) -> dict:
         return await self._append(
             "Signed", request=intent["request"], key=intent["key"], intent=intent["index"],
@@ -619,6 +633,9 @@ class RequestSigner:
                 != spec["digests"][0]["value"].lower():
             raise await self._refuse("ManifestMismatch", "the digest is not the digest of spec.manifest",
                                      request_ref=request_ref)
+        apk_signed_data = await self._apk_signed_data(spec, embedded, request_ref) if fmt == "apk" else None
+        # what an APK signature covers: its content digest (in digests) and the exact blocks signed
+        apk_info = [{"scheme": scheme, "signedData": audit.digest_of(data)} for scheme, data in apk_signed_data or []]
         certificate_info = ({"name": embedded.record.name, "serialNumber": format(embedded.certificate.serial, "x"),
                              "fingerprint": embedded.certificate.fingerprint} if embedded else None)
         intent = await self._append(
@@ -628,7 +645,8 @@ class RequestSigner:
                       for b in decision.builds if b["counted"]],
             policies=list(decision.policies), key=key_info, reason=spec.get("reason", ""),
             digestAlgorithm=spec.get("digestAlgorithm", "SHA256"), format=fmt, certificate=certificate_info,
-            digests=[{"name": d["name"], "value": d["value"].lower()} for d in spec["digests"]])
+            digests=[{"name": d["name"], "value": d["value"].lower()} for d in spec["digests"]],
+            **({"apk": apk_info} if apk_info else {}))
         self._waiting.pop(uid, None)
         handle = hsm.KeyHandle(namespace=namespace, name=key_meta["name"], uid=key_meta["uid"],
                                version=decision.key_version)
@@ -642,7 +660,8 @@ class RequestSigner:
             signatures = await self._in_token("sign", lambda token: [
                 formats.build(fmt, digest=value, digest_algorithm=algorithm, embedded=embedded, manifest=manifest,
                               public_key_der=public_key_der, signing_time=signing_time,
-                              sign=lambda d, a: token.sign(handle, digest=d, digest_algorithm=a))
+                              sign=lambda d, a: token.sign(handle, digest=d, digest_algorithm=a),
+                              apk_signed_data=apk_signed_data)
                 for value in values])
         except formats.FormatError as error:
             await self._abandon(intent, f"the {fmt} signature could not be built: {error}")

@@ -19,11 +19,12 @@ class FormatError(ValueError):
 
 
 def build(fmt: str, *, digest: bytes, digest_algorithm: str, embedded, manifest: bytes | None,
-          public_key_der: bytes | None, signing_time, sign) -> bytes:
+          public_key_der: bytes | None, signing_time, sign, apk_signed_data=None) -> bytes:
     """The bytes a SignRequest's status carries for one digest in format ``fmt`` (base64-encoded there).
 
     raw: the signature over the digest; cms, authenticode: DER ContentInfo; jar: the signature block (.EC or
-    .RSA) over the signature file derived from ``manifest``; sigstore: the bundle's JSON. ``embedded`` is the
+    .RSA) over the signature file derived from ``manifest``; sigstore: the bundle's JSON; apk: the APK Signing
+    Block over ``apk_signed_data``, ``[(scheme, signed data)]``. ``embedded`` is the
     certificate and chain the signer chose (:class:`keyroom.signer.certificates.Usable`) for the formats that
     embed one.
     """
@@ -51,4 +52,9 @@ def build(fmt: str, *, digest: bytes, digest_algorithm: str, embedded, manifest:
         if manifest is None:
             raise FormatError("format jar needs the manifest")
         return jar.block(manifest=manifest, **common)
+    if fmt == "apk":
+        from keyroom.signer.formats import apk
+
+        return apk.signing_block(blocks=apk_signed_data or [], digest=digest, digest_algorithm=digest_algorithm,
+                                 certificate_der=embedded.certificate.der, sign=sign)
     raise FormatError(f"unknown format {fmt!r}")
