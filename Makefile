@@ -3,9 +3,10 @@ PYTHON ?= python3
 VENV ?= .venv
 STATE_DIR ?= .dev
 PY := $(VENV)/bin/python
+DEV_DIR = $(abspath $(STATE_DIR))
 KUBECTL = $(shell $(PY) -m keyroom.devenv binaries | sed -n 's/^kubectl=//p')
 
-.PHONY: help venv binaries test unit integration crds dev dev-down bench clean mutation images e2e e2e-kind
+.PHONY: help venv check binaries test unit integration crds docs dev dev-down bench clean mutation images e2e e2e-kind
 
 help:
 	@echo "make dev        start a local keyroom (control plane + operator) in $(STATE_DIR)/ and show it working"
@@ -13,6 +14,8 @@ help:
 	@echo "make test       unit and integration tests against a real kube-apiserver and etcd"
 	@echo "make unit       unit tests only (no cluster)"
 	@echo "make crds       regenerate crds/ from operator/keyroom/api"
+	@echo "make docs       regenerate the API reference docs/reference/api.md from operator/keyroom/api"
+	@echo "make check      say what make dev still needs installed (Go, SoftHSM2, openssl)"
 	@echo "make images     build the operator and signer images with podman (root; the Debian base is made locally)"
 	@echo "make e2e        the chart's pods on a local node (kubelet, containerd): install, sign, restart, kill (root)"
 	@echo "make e2e-kind   the same images, chart and flow on kind (needs Docker and kind)"
@@ -56,7 +59,14 @@ e2e-kind: venv
 crds: venv
 	$(PY) -m keyroom.api.generate crds
 
-dev: venv binaries
+docs: venv
+	$(PY) -m keyroom.api.docs
+
+# What `make dev` needs besides Python, each missing one named with how to install it, before anything is built.
+check: venv
+	@$(PY) -m keyroom.devenv check openssl
+
+dev: venv check binaries
 	@if [ -e $(STATE_DIR)/state.json ]; then $(PY) -m keyroom.devenv down --state-dir $(STATE_DIR); fi
 	$(PY) -m keyroom.devenv up --state-dir $(STATE_DIR) --detach
 	$(KUBECTL) --kubeconfig $(STATE_DIR)/kubeconfig apply -f examples/team-a/
@@ -79,14 +89,36 @@ dev: venv binaries
 	  jarsigner -verify -strict -keystore samples/trust.p12 -storetype PKCS12 -storepass changeit signed/app.jar | grep -E '^jar verified'; fi
 	$(KUBECTL) --kubeconfig $(STATE_DIR)/kubeconfig-alice -n team-a get keyroom
 	@echo
-	@echo "keyroom runs in $(STATE_DIR)/ (logs in $(STATE_DIR)/logs). Be alice, or bob the approver:"
-	@echo "  export KUBECONFIG=$(CURDIR)/$(STATE_DIR)/kubeconfig-alice"
-	@echo "  export KUBECONFIG=$(CURDIR)/$(STATE_DIR)/kubeconfig-bob"
-	@echo "  alias kubectl=$(KUBECTL)"
-	@echo "  export PATH=$(CURDIR)/$(VENV)/bin:\$$PATH   # kubectl keyroom ..."
-	@echo "Try: kubectl -n team-a get keyroom; kubectl keyroom status release-1-4-2 -n team-a;"
-	@echo "     as bob: kubectl keyroom approve release-1-4-2 -n team-a (it needs bob and carol, then its window)"
-	@echo "Stop: make dev-down"
+	@echo "keyroom runs in $(DEV_DIR)/ (logs in logs/; stop it with: make dev-down). A guided tour, step by step:"
+	@echo
+	@echo "1. In a shell, as alice (group team-a-devs): the plugin and kubectl on PATH, and a file to sign"
+	@echo '     cd $(DEV_DIR) && export PATH=$(abspath $(VENV))/bin:$(patsubst %/,%,$(dir $(KUBECTL))):$$PATH'
+	@echo '     export KUBECONFIG=$$PWD/kubeconfig-alice; kubectl keyroom whoami -n team-a'
+	@echo '     echo "hello from keyroom" > hello.txt; KEY=release-key'
+	@echo "   release-key signs after two approvals, and only in its window (weekdays 09:00-17:00 Europe/Berlin):"
+	@echo "   kubectl keyroom keys -n team-a shows whether it is ONLINE and its NEXT WINDOW. Outside the window, take"
+	@echo "   the CI key instead: KEY=ci-key, which needs no approval (skip step 3)."
+	@echo
+	@echo "2. alice hashes the file locally and asks for a signature; sign waits in the background"
+	@echo '     kubectl keyroom sign hello.txt --key $$KEY -n team-a --reason "release 1.0" --name hello &'
+	@echo
+	@echo "3. As bob, then carol (group team-a-approvers): see what waits, check it, approve"
+	@echo '     KUBECONFIG=$$PWD/kubeconfig-bob kubectl keyroom pending -n team-a'
+	@echo '     KUBECONFIG=$$PWD/kubeconfig-bob kubectl keyroom approve hello -n team-a --reason "notes checked"'
+	@echo '     KUBECONFIG=$$PWD/kubeconfig-carol kubectl keyroom approve hello -n team-a --reason "build checked"'
+	@echo
+	@echo "4. alice's sign returns once the request is Signed, and writes hello.txt.sig"
+	@echo '     wait; kubectl keyroom status hello -n team-a'
+	@echo
+	@echo "5. Verify with public material only, as anyone outside the cluster would: with the plugin, and with openssl"
+	@echo '     kubectl keyroom export $$KEY -n team-a --out trust'
+	@echo '     kubectl keyroom verify hello.txt --sig hello.txt.sig --trust trust'
+	@echo '     openssl dgst -sha256 -verify trust/$$KEY-v1.pub.pem -signature hello.txt.sig hello.txt'
+	@echo
+	@echo "6. The signer's audit entries for it (admin; the log is checked against its checkpoint first)"
+	@echo '     KUBECONFIG=$$PWD/kubeconfig kubectl keyroom audit show --file signer/audit.jsonl -n team-a --request hello'
+	@echo
+	@echo "More: kubectl keyroom --help; docs/guides/requester.md, docs/guides/approver.md, docs/concepts.md."
 
 dev-down: venv
 	$(PY) -m keyroom.devenv down --state-dir $(STATE_DIR)

@@ -1,4 +1,4 @@
-"""``python -m keyroom.devenv up|down|load-image|binaries``: the local control plane for people and scripts."""
+"""``python -m keyroom.devenv up|down|check|load-image|binaries``: the local control plane for people and scripts."""
 from __future__ import annotations
 
 import argparse
@@ -6,7 +6,7 @@ import pathlib
 import signal
 import sys
 
-from keyroom.devenv import binaries, controlplane, pause, samples
+from keyroom.devenv import binaries, controlplane, pause, prerequisites, samples
 
 
 def _print_usage(environment: controlplane.Environment) -> None:
@@ -58,6 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     binaries_command = commands.add_parser("binaries", help="build (if needed) and print the control-plane binaries")
     binaries_command.add_argument("--node", action="store_true",
                                   help="the local node's binaries and pause image instead")
+    check = commands.add_parser("check", help="say what to install before `up` can run (Go, SoftHSM2, COMMANDs)")
+    check.add_argument("--no-signer", dest="signer", action="store_false", help="the signer's SoftHSM2 is not needed")
+    check.add_argument("commands", nargs="*", metavar="COMMAND", help="commands that must be on PATH too")
     sample = commands.add_parser("samples", help="write sample artifacts (a text file, a PE, a JAR) to sign")
     sample.add_argument("--out", type=pathlib.Path, required=True)
     args = parser.parse_args(argv)
@@ -81,6 +84,11 @@ def main(argv: list[str] | None = None) -> int:
                 for name in node.load_image(args.state_dir, archive):
                     print(name)
             return 0
+        if args.command == "check":
+            missing = prerequisites.problems(signer=args.signer, commands=args.commands)
+            for problem in missing:
+                log(f"error: {problem}")
+            return 1 if missing else 0
         if args.command == "samples":
             for path in samples.write(args.out):
                 print(path)

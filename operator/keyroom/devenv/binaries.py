@@ -172,6 +172,12 @@ def _from_environment(packages: dict = _PACKAGES, env_names: dict | None = None,
     return found
 
 
+def to_build() -> list[str]:
+    """The control-plane binaries that neither the environment names nor the cache holds: ``ensure`` builds them."""
+    paths = _from_environment()
+    return [name for name in _PACKAGES if name not in paths and not (build_dir() / name).exists()]
+
+
 def ensure(*, log=print) -> Binaries:
     """Return the binaries, building the missing ones into the cache first."""
     paths = _from_environment()

@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Callable, Iterable
 import yaml
 
 from keyroom.devenv import binaries as binaries_module
-from keyroom.devenv import fixtures, pki
+from keyroom.devenv import fixtures, pki, prerequisites
 from keyroom.signer.client import SIGNER_AUDIENCE
 
 if TYPE_CHECKING:
@@ -251,6 +251,9 @@ def up(state_dir: pathlib.Path, *, operator: bool = True, signer: bool = True, n
     a local node, and return once that node is Ready."""
     state_dir = state_dir.resolve()
     _check_state_dir(state_dir)
+    missing = prerequisites.problems(signer=signer)
+    if missing:
+        raise DevEnvError("\n".join(missing))
     found = binaries_module.ensure(log=log)
     node_ip = None
     if node:

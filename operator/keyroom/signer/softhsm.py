@@ -27,11 +27,18 @@ import subprocess
 import sys
 
 MODULE_ENV = "KEYROOM_PKCS11_MODULE"
+#: where the distributions' packages put the module: Debian and Ubuntu, Fedora, Homebrew (macOS), a source build
 MODULE_CANDIDATES = (
     "/usr/lib/softhsm/libsofthsm2.so",
     "/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so",
+    "/usr/lib/aarch64-linux-gnu/softhsm/libsofthsm2.so",
+    "/usr/lib64/pkcs11/libsofthsm2.so",
+    "/usr/lib64/softhsm/libsofthsm2.so",
+    "/opt/homebrew/lib/softhsm/libsofthsm2.so",
     "/usr/local/lib/softhsm/libsofthsm2.so",
 )
+#: how to install SoftHSM2, for the one line a user sees when it is missing
+INSTALL_HINT = "apt-get install softhsm2 (Debian/Ubuntu), dnf install softhsm (Fedora), brew install softhsm (macOS)"
 
 
 class SoftHSMNotFound(FileNotFoundError):
@@ -63,9 +70,7 @@ def find_module() -> str:
     for candidate in MODULE_CANDIDATES:
         if os.path.exists(candidate):
             return candidate
-    raise SoftHSMNotFound(
-        "the SoftHSM2 PKCS#11 module is not installed (looked for " + ", ".join(MODULE_CANDIDATES)
-        + "): run `apt-get install softhsm2`, or set " + MODULE_ENV + " to the path of a PKCS#11 module")
+    raise SoftHSMNotFound(f"SoftHSM2 is not installed: {INSTALL_HINT}; or set {MODULE_ENV} to its libsofthsm2.so")
 
 
 def write_config(directory: pathlib.Path) -> pathlib.Path:
