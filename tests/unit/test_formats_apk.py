@@ -19,7 +19,6 @@ import hashlib
 import pathlib
 import shutil
 import struct
-import subprocess
 import zipfile
 
 import pytest
@@ -27,34 +26,14 @@ import pytest
 from keyroom.cli import apk as cli_apk
 from keyroom.signer.formats import FormatError
 from keyroom.signer.formats import apk
+from tests.android import RESOURCE, make_apk, verify
 from tests.token_process import TokenProcess, code_signing_chain
 
 UTC = datetime.timezone.utc
 NOW = datetime.datetime.now(UTC).replace(microsecond=0)
-APKSIGNER_CLASSPATH = "/usr/share/java/apksigner.jar:/usr/share/java/apksig.jar"
 #: key algorithm -> (APK signature algorithm, content digest algorithm)
 ALGORITHMS = {"ECDSA_P256": (apk.ECDSA_SHA256, "SHA256"), "ECDSA_P384": (apk.ECDSA_SHA512, "SHA512"),
               "RSA_3072": (apk.RSA_PKCS1_SHA256, "SHA256")}
-
-
-def apksigner(*args: str | pathlib.Path) -> subprocess.CompletedProcess:
-    """``apksigner`` as Debian ships it (the apksigner package), run through its classes directly."""
-    if not pathlib.Path(APKSIGNER_CLASSPATH.split(":")[0]).exists():
-        pytest.fail("apksigner is required for the APK tests: apt-get install -y apksigner")
-    return subprocess.run(["java", "-cp", APKSIGNER_CLASSPATH, "com.android.apksigner.ApkSignerTool",
-                           *map(str, args)], capture_output=True, text=True, timeout=120)
-
-
-def verify(path: pathlib.Path, *extra: str) -> subprocess.CompletedProcess:
-    return apksigner("verify", "-v", "--min-sdk-version", "24", *extra, path)
-
-
-def make_apk(path: pathlib.Path, *, resource: bytes = bytes(range(256)) * 6000) -> pathlib.Path:
-    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
-        archive.writestr("AndroidManifest.xml", '<manifest package="dev.keyroom.example"/>\n')
-        archive.writestr("classes.dex", b"dex\n035\x00" + bytes(range(112)) * 8)
-        archive.writestr(zipfile.ZipInfo("res/raw/data.bin"), resource, compress_type=zipfile.ZIP_STORED)
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +56,9 @@ def sign_apk(source: pathlib.Path, out: pathlib.Path, chain, *, replace: bool = 
 @pytest.mark.parametrize("algorithm", list(ALGORITHMS))
 def test_apksigner_verifies_v2_and_v3_with_the_leaf_certificate(chains, algorithm, tmp_path):
     chain = chains[algorithm]
+    assert apk.algorithm_for(apk.certificate_public_key(chain.leaf)) == ALGORITHMS[algorithm][0]
     source = make_apk(tmp_path / "app.apk")
+    assert cli_apk.signed_data(source, certificate_der=chain.leaf)[0] == ALGORITHMS[algorithm][1]
     sign_apk(source, tmp_path / "signed.apk", chain)
 
     result = verify(tmp_path / "signed.apk", "--print-certs")
@@ -105,7 +86,7 @@ def test_the_content_digest_covers_entries_central_directory_and_end_record(chai
     assert len(signed.old_block) > 0 and signed.end_record != parts.end_record  # only its offset moved
     assert cli_apk.content_digest(tmp_path / "signed.apk", replace_signature=True) == digest
     with zipfile.ZipFile(tmp_path / "signed.apk") as archive:  # still a zip every reader opens
-        assert archive.testzip() is None and archive.read("res/raw/data.bin") == bytes(range(256)) * 6000
+        assert archive.testzip() is None and archive.read("res/raw/data.bin") == RESOURCE
 
 
 @pytest.mark.parametrize("damage", ["entry", "signature", "central directory", "v3 stripped"])
@@ -116,7 +97,7 @@ def test_a_tampered_apk_fails_verification(chains, damage, tmp_path):
     data = bytearray((tmp_path / "signed.apk").read_bytes())
     parts = cli_apk.read(tmp_path / "signed.apk", replace_signature=True)
     if damage == "entry":
-        position = data.index(bytes(range(256)) * 4) + 1000  # inside the stored resource: CRC aside, only digests
+        position = data.index(RESOURCE[:1024]) + 1000  # inside the stored resource: CRC aside, only digests
         data[position] ^= 0x01
     elif damage == "signature":
         signer = apk.signed_data_of(block)["v2"]
