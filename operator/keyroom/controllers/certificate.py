@@ -27,6 +27,8 @@ from keyroom.controllers import daemon, kube
 from keyroom.signer.client import SignerClient, SignerError
 
 _MAX_BACKOFF = 60.0
+#: when a status computed from a stale body was refused, the next pass at the latest
+_STALE_RETRY = datetime.timedelta(seconds=5)
 #: signer failures that only a change of configuration fixes
 _STALLING = {"SignerUnauthenticated", "SignerForbidden", "SignerNotConfigured", "CertificateMismatch",
              "InvalidRequest", "PinIncorrect", "PinLocked", "TokenNotFound", "ModuleNotFound"}
@@ -239,7 +241,12 @@ async def reconcile(*, body: Mapping, signer: SignerClient | None, at: datetime.
                              name=meta["name"], error=error)
     patch = status_patch(status, desired)
     if patch:
-        await kube.patch_status(plural="certificates", namespace=meta["namespace"], name=meta["name"], status=patch)
+        try:
+            await kube.patch_status(plural="certificates", namespace=meta["namespace"], name=meta["name"],
+                                    status=patch, resource_version=meta.get("resourceVersion"))
+        except kube.Conflict:
+            # Computed from a body that is no longer current: the newer version's event wakes this daemon again.
+            return at + _STALE_RETRY, record
         for kind, reason, message in events(status, desired):
             (kopf.warn if kind == "Warning" else kopf.info)(body, reason=reason, message=message)
     if error is not None:

@@ -23,5 +23,10 @@ async def write_first_status(*, plural: str, body: kopf.Body, message: str) -> N
     """Mark an object as being reconciled before anything else happens to it (see conditions.first_status)."""
     if conditions.needs_first_status(body.get("status")):
         meta = body["metadata"]
-        await kube.patch_status(plural=plural, namespace=meta["namespace"], name=meta["name"],
-                                status=conditions.first_status(generation=meta["generation"], message=message))
+        try:
+            # conditional: a body without status may be stale, and a newer version's status must not be overwritten
+            await kube.patch_status(plural=plural, namespace=meta["namespace"], name=meta["name"],
+                                    status=conditions.first_status(generation=meta["generation"], message=message),
+                                    resource_version=meta.get("resourceVersion"))
+        except kube.Conflict:
+            pass

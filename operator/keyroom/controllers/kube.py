@@ -32,12 +32,32 @@ async def get(*, plural: str, namespace: str, name: str) -> dict[str, Any] | Non
     return await asyncio.to_thread(call)
 
 
-async def patch_status(*, plural: str, namespace: str, name: str, status: dict) -> dict[str, Any]:
-    """Merge-patch the status subresource; returns the object as written."""
-    return await asyncio.to_thread(
-        _api().patch_namespaced_custom_object_status, GROUP, VERSION, namespace, plural, name,
-        {"status": status},
-    )
+class Conflict(Exception):
+    """The object changed since the body a status was computed from was read: nothing was written."""
+
+
+async def patch_status(*, plural: str, namespace: str, name: str, status: dict,
+                       resource_version: str | None = None) -> dict[str, Any]:
+    """Merge-patch the status subresource; returns the object as written.
+
+    With ``resource_version`` the write is conditional: a status computed from
+    a body that is no longer current (a newer version exists) is refused by the
+    API server and raises :class:`Conflict` instead of overwriting what a newer
+    reconcile wrote.
+    """
+    patch: dict[str, Any] = {"status": status}
+    if resource_version is not None:
+        patch["metadata"] = {"resourceVersion": resource_version}
+
+    def call():
+        try:
+            return _api().patch_namespaced_custom_object_status(GROUP, VERSION, namespace, plural, name, patch)
+        except kubernetes.client.ApiException as error:
+            if error.status == 409 and resource_version is not None:
+                raise Conflict(f"{plural} {namespace}/{name} changed since resourceVersion {resource_version}") \
+                    from None
+            raise
+    return await asyncio.to_thread(call)
 
 
 async def delete(*, plural: str, namespace: str, name: str, uid: str) -> None:

@@ -175,6 +175,11 @@ def next_wakeup(spec: Mapping, record: Mapping | None, at: datetime.datetime) ->
     return min((m for m in moments if m is not None), default=None)
 
 
+#: when a status computed from a stale body was refused, the next pass at the latest (the newer version's
+#: event usually wakes the daemon sooner)
+_STALE_RETRY = datetime.timedelta(seconds=5)
+
+
 # ---------------------------------------------------------------- the daemon
 
 async def reconcile(*, body: Mapping, signer: SignerClient | None, at: datetime.datetime,
@@ -194,7 +199,13 @@ async def reconcile(*, body: Mapping, signer: SignerClient | None, at: datetime.
                              error=error)
     patch = status_patch(status, desired)
     if patch:
-        await kube.patch_status(plural="signingkeys", namespace=meta["namespace"], name=meta["name"], status=patch)
+        try:
+            await kube.patch_status(plural="signingkeys", namespace=meta["namespace"], name=meta["name"],
+                                    status=patch, resource_version=meta.get("resourceVersion"))
+        except kube.Conflict:
+            # Computed from a body that is no longer current: the newer version's event wakes this daemon again.
+            logger.debug(f"signing key {meta['namespace']}/{meta['name']} changed meanwhile; reconciling again")
+            return at + _STALE_RETRY
         for reason, message in changes(status.get("versions") or [], desired.get("versions") or []):
             (kopf.warn if reason == "KeyMaterialMissing" else kopf.info)(body, reason=reason, message=message)
         shown = conditions.find(desired["conditions"], "Ready")
