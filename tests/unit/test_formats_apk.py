@@ -26,7 +26,7 @@ import pytest
 from keyroom.cli import apk as cli_apk
 from keyroom.signer.formats import FormatError
 from keyroom.signer.formats import apk
-from tests.android import RESOURCE, make_apk, verify
+from tests.android import RESOURCE, apksigner, make_apk, verify
 from tests.token_process import TokenProcess, code_signing_chain
 
 UTC = datetime.timezone.utc
@@ -71,8 +71,9 @@ def test_apksigner_verifies_v2_and_v3_with_the_leaf_certificate(chains, algorith
     assert f"Signer #1 certificate SHA-256 digest: {hashlib.sha256(chain.leaf).hexdigest()}" in lines
     assert f"Signer #1 certificate DN: CN=apk-release-{algorithm.lower()}" in lines
     assert not [line for line in lines if line.startswith(("ERROR", "WARNING"))]
-    # apksigner's own view of what a verifier without --min-sdk-version needs: a real binary manifest
-    assert verify(tmp_path / "signed.apk").returncode == 0
+    # without --min-sdk-version apksigner reads the minimum SDK from a binary manifest, which this APK lacks
+    unread = apksigner("verify", tmp_path / "signed.apk")
+    assert unread.returncode != 0 and "Use --min-sdk-version to override" in unread.stderr
 
 
 def test_the_content_digest_covers_entries_central_directory_and_end_record(chains, tmp_path):
@@ -248,3 +249,26 @@ def test_request_fields_round_trip_through_base64(good):
     _, _, blocks = good
     values = [base64.b64encode(data).decode() for _, data in blocks]
     assert all(len(value) <= 21_848 for value in values)  # spec.apk.signedData[].value's maxLength
+
+
+def test_the_plugins_request_carries_the_content_digest_and_both_blocks(chains, tmp_path):
+    from keyroom.cli import plugin
+
+    source = make_apk(tmp_path / "app.apk")
+    common = {"key": "android", "namespace": "team-a", "identity": {"username": "alice", "groups": []},
+              "fmt": "apk", "certificate": "android-cert"}
+    body = plugin.sign_request_body([source], apk_certificate=chains["ECDSA_P384"].leaf, **common)
+    spec = body["spec"]
+    assert spec["digestAlgorithm"] == "SHA512"  # the key's algorithm decides: ECDSA P-384 signs with SHA-512
+    assert spec["digests"] == [{"name": "app.apk", "value": cli_apk.content_digest(source, "SHA512").hex()}]
+    assert spec["certificateRef"] == {"name": "android-cert"}
+    blocks = [(b["scheme"], base64.b64decode(b["value"])) for b in spec["apk"]["signedData"]]
+    assert [p.scheme for p in apk.check(blocks, digest=bytes.fromhex(spec["digests"][0]["value"]),
+                                        digest_algorithm="SHA512", certificate_der=chains["ECDSA_P384"].leaf)] \
+        == ["v2", "v3"]
+    assert plugin.format_digest(source, "apk", "SHA512")[0] == spec["digests"][0]["value"]  # what a builder attests
+    with pytest.raises(plugin.CliError, match="name it with --certificate"):
+        plugin.sign_request_body([source], **{**common, "certificate": None})
+    with pytest.raises(plugin.CliError, match="one APK per request"):
+        plugin.sign_request_body([source, source.with_name("other.apk")],
+                                 apk_certificate=chains["ECDSA_P384"].leaf, **common)
