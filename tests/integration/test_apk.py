@@ -14,6 +14,7 @@ import base64
 import datetime
 import hashlib
 import json
+import subprocess
 
 import pytest
 from cryptography import x509 as crypto_x509
@@ -26,6 +27,11 @@ from keyroom.signer.formats import apk
 from tests.android import make_apk, verify
 from tests.conftest import apply, approve, get, identity, kubectl, wait_for
 from tests.integration.test_cli import NAMESPACE, _created_name, keyroom, make_key
+from tests.integration.test_cli_roles import offline
+
+
+def offline_verify(path, trust) -> subprocess.CompletedProcess:
+    return offline("verify", str(path), "--trust", str(trust), "-o", "json")
 
 pytestmark = pytest.mark.integration
 
@@ -84,6 +90,12 @@ def test_an_apk_signed_through_two_approvals_verifies_with_apksigner(cluster, un
     assert f"Signer #1 certificate DN: CN={certificate}, O=Keyroom Android" in lines
     assert f"Signer #1 certificate SHA-256 digest: {hashlib.sha256(der).hexdigest()}" in lines
 
+    trust = tmp_path / "trust"  # anyone with the exported public material verifies it without a cluster too
+    assert keyroom(cluster, "alice", "export", key, "--out", str(trust)).returncode == 0
+    offline = offline_verify(out / "app.apk", trust)
+    assert offline.returncode == 0, offline.stderr
+    assert json.loads(offline.stdout)["signer"]["requestDigest"] == content_digest.hex()
+
     tampered = bytearray((out / "app.apk").read_bytes())
     position = tampered.index(bytes(range(256)) * 4) + 4096
     tampered[position] ^= 0xFF
@@ -91,6 +103,8 @@ def test_an_apk_signed_through_two_approvals_verifies_with_apksigner(cluster, un
     broken = verify(tmp_path / "tampered.apk")
     assert broken.returncode != 0 and "DOES NOT VERIFY" in broken.stdout + broken.stderr
     assert "APK integrity check failed" in broken.stdout + broken.stderr
+    refused = offline_verify(tmp_path / "tampered.apk", trust)
+    assert refused.returncode == 3 and "changed after signing" in json.loads(refused.stdout)["error"]
 
     body = get(cluster, "sr", name, namespace=NAMESPACE)
     assert body["status"]["phase"] == "Signed" and body["status"]["certificate"]["name"] == certificate

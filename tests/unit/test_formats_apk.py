@@ -272,3 +272,42 @@ def test_the_plugins_request_carries_the_content_digest_and_both_blocks(chains, 
     with pytest.raises(plugin.CliError, match="one APK per request"):
         plugin.sign_request_body([source, source.with_name("other.apk")],
                                  apk_certificate=chains["ECDSA_P384"].leaf, **common)
+
+
+# --------------------------------------------------------------------------- kubectl keyroom verify, offline
+
+
+def test_the_plugin_verifies_a_signed_apk_offline_and_refuses_a_tampered_one(chains, tmp_path):
+    from cryptography import x509 as crypto_x509
+
+    from keyroom.cli import verify as verification
+
+    chain = chains["RSA_3072"]
+    source = make_apk(tmp_path / "app.apk")
+    block = sign_apk(source, tmp_path / "signed.apk", chain)
+    signed = (tmp_path / "signed.apk").read_bytes()
+    roots = verification.Trust(roots=[crypto_x509.load_der_x509_certificate(chain.ca)])
+
+    def check(data: bytes, trust=roots):
+        assert verification.guess_format("app.apk", None) == "apk"
+        return verification.verify("apk", artifact_path="app.apk", artifact=data, signature=None, trust=trust)
+
+    report = check(signed)
+    assert [line.split(":")[0] for line in report.checked][:2] == ["v2", "v3"]
+    assert any(line.startswith("certificate chain: ") for line in report.checked)
+    assert report.signer["requestDigest"] == cli_apk.content_digest(source).hex()
+    keys = verification.Trust(public_keys=[crypto_x509.load_der_x509_certificate(chain.leaf).public_key()])
+    assert check(signed, keys).checked
+    stranger = verification.Trust(roots=[crypto_x509.load_der_x509_certificate(chains["ECDSA_P256"].ca)])
+    with pytest.raises(verification.NotVerified, match="verifies its signature|not a root you trust"):
+        check(signed, stranger)
+
+    tampered = bytearray(signed)
+    tampered[tampered.index(RESOURCE[:1024]) + 5000] ^= 0x01
+    with pytest.raises(verification.NotVerified, match="changed after signing"):
+        check(bytes(tampered))
+    stripped = apk.block_of([(apk.SCHEME_IDS["v2"], apk.parse_block(block)[apk.SCHEME_IDS["v2"]])])
+    with pytest.raises(verification.NotVerified, match="the v3 block is gone"):
+        check(cli_apk.signed_apk(source.read_bytes(), stripped))
+    with pytest.raises(verification.NotVerified, match="no APK Signing Block"):
+        check(source.read_bytes())

@@ -228,10 +228,10 @@ _path = click.Path(path_type=pathlib.Path, exists=True, dir_okay=False)
 @click.command(context_settings=CONTEXT)
 @click.argument("file", type=_path)
 @click.option("--sig", "signature", type=_path,
-              help="the signature: FILE.sig (raw), FILE.p7s (cms), FILE.sigstore.json (sigstore); authenticode and "
-                   "jar carry theirs inside FILE (a detached Authenticode PKCS#7 may be given)")
+              help="the signature: FILE.sig (raw), FILE.p7s (cms), FILE.sigstore.json (sigstore); authenticode, "
+                   "jar and apk carry theirs inside FILE (a detached Authenticode PKCS#7 may be given)")
 @click.option("--format", "fmt", type=click.Choice(verification.FORMATS),
-              help="default: from the file names (.sig, .p7s, .sigstore.json, .exe/.dll, .jar)")
+              help="default: from the file names (.sig, .p7s, .sigstore.json, .exe/.dll, .jar, .apk)")
 @click.option("--trust", "trust_dir", type=click.Path(path_type=pathlib.Path, file_okay=False),
               help="a directory written by kubectl keyroom export (public keys, root, chain, CRLs)")
 @click.option("--key", "keys", multiple=True, type=_path, help="a PEM file of public keys to trust (repeatable)")
@@ -258,7 +258,9 @@ def verify(file, signature, fmt, trust_dir, keys, cas, chains, certificate, crls
       jar           the block's signature over the .SF; the .SF's digest of MANIFEST.MF;
                     every entry's digest; no unsigned entry
       sigstore      the bundle's digest = FILE's; its signature with a trusted public key
-    For cms, authenticode and jar, the signing certificate must carry a trusted key (--key) and/or chain
+      apk           each v2/v3 signer's signature over its signed data; the signed content
+                    digest = FILE's (entries, central directory, end record); no stripped v3 block
+    For cms, authenticode, jar and apk, the signing certificate must carry a trusted key (--key) and/or chain
     to a trusted root (--ca): each link's signature, CA constraints, codeSigning on the leaf, validity
     at --at, and, where a CRL of the issuer is given (--crl), that no certificate is revoked.
     Not checked, and said so in the output: trusted timestamps (the signing time is the signer's

@@ -22,7 +22,8 @@ Trust comes in two forms, and at least one must be given:
 Per format, the digest is recomputed from the artifact the way the client
 computes it for a SignRequest (the file's hash; the Authenticode digest of a
 PE, :func:`keyroom.cli.pe.authenticode_digest`; the manifest and every entry
-of a JAR, :mod:`keyroom.cli.jar`) and compared with what the signature signs.
+of a JAR, :mod:`keyroom.cli.jar`; the content digest of an APK,
+:mod:`keyroom.cli.apk`) and compared with what the signature signs.
 """
 from __future__ import annotations
 
@@ -44,13 +45,15 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa, utils
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
+from keyroom.cli import apk as cli_apk
 from keyroom.cli import jar as cli_jar
 from keyroom.cli import pe
 from keyroom.signer.formats import FormatError
+from keyroom.signer.formats import apk as apk_format
 from keyroom.signer.formats import jar as jar_format
 from keyroom.signer.formats import sigstore
 
-FORMATS = ("raw", "cms", "authenticode", "jar", "sigstore")
+FORMATS = ("raw", "cms", "authenticode", "jar", "sigstore", "apk")
 HASHES = {"SHA256": hashes.SHA256, "SHA384": hashes.SHA384, "SHA512": hashes.SHA512}
 _ASN1_HASHES = {"sha256": "SHA256", "sha384": "SHA384", "sha512": "SHA512"}
 _SIGSTORE_HASHES = {"SHA2_256": "SHA256", "SHA2_384": "SHA384", "SHA2_512": "SHA512"}
@@ -586,6 +589,63 @@ def _check_entries(archive: zipfile.ZipFile, entries, manifest: bytes, report: R
     report.checked.append(f"entries: all {len(entries)} entries match their signed digests; none is unsigned")
 
 
+def verify_apk(artifact_path, artifact: bytes, *, trust: Trust, report: Report, at: datetime.datetime) -> None:
+    """A signed APK's v2 and v3 blocks: each one signer, whose signature verifies over its signed data, whose
+    content digest is this APK's, and whose certificate carries its key and is trusted."""
+    try:
+        parts = cli_apk.sections(artifact, artifact_path, replace_signature=True)
+        if not parts.old_block:
+            raise NotVerified("the APK has no APK Signing Block: it is not signed with v2 or v3")
+        pairs = apk_format.parse_block(parts.old_block)
+        schemes = {scheme: pairs[identifier] for scheme, identifier in apk_format.SCHEME_IDS.items()
+                   if identifier in pairs}
+        if not schemes:
+            raise NotVerified("the APK Signing Block holds no v2 or v3 signature")
+        signers = {scheme: apk_format.signers(scheme, value) for scheme, value in schemes.items()}
+    except (cli_apk.ApkError, FormatError) as error:
+        raise NotVerified(f"not a readable signed APK: {error}") from None
+    certificates = set()
+    for scheme, found in signers.items():
+        if len(found) != 1:
+            raise NotVerified(f"the {scheme} block has {len(found)} signers; exactly one is verified")
+        signer = found[0]
+        signed = signer.signed_data
+        known = [(apk_format.ALGORITHMS[i], value) for i, value in signer.signatures if i in apk_format.ALGORITHMS]
+        if not known:
+            raise NotVerified(f"the {scheme} signer has no signature of an algorithm keyroom makes")
+        for algorithm, value in known:
+            if not apk_format.verifies(signer.public_key, value, signed.raw, algorithm):
+                raise NotVerified(f"the {scheme} signature ({algorithm.jca}) does not verify over its signed data")
+            digest = dict(signed.digests).get(algorithm.id)
+            content = apk_format.content_digest(parts.digested(), algorithm.digest_algorithm)
+            if digest is None or not hmac.compare_digest(digest, content):
+                raise NotVerified(f"the APK was changed after signing: its content digest differs from the "
+                                  f"{scheme} signed data's")
+        if scheme == "v3" and (signer.min_sdk, signer.max_sdk) != (signed.min_sdk, signed.max_sdk):
+            raise NotVerified("the v3 signer's SDK range differs from its signed data's")
+        if scheme == "v2" and (apk_format.STRIPPING_PROTECTION_ID, (3).to_bytes(4, "little")) in signed.attributes \
+                and "v3" not in signers:
+            raise NotVerified("the v2 signed data says the APK was signed with v3 too, but the v3 block is gone")
+        if not signed.certificates:
+            raise NotVerified(f"the {scheme} signed data carries no certificate")
+        try:
+            certificate = x509.load_der_x509_certificate(signed.certificates[0])
+        except ValueError as error:
+            raise NotVerified(f"the {scheme} certificate cannot be read: {error}") from None
+        if spki(certificate.public_key()) != signer.public_key:
+            raise NotVerified(f"the {scheme} certificate does not carry the key that signed")
+        certificates.add(signed.certificates[0])
+        report.checked.append(f"{scheme}: the signature verifies over the signed data, which holds this APK's "
+                              f"content digest ({content.hex()})")
+        report.signer["requestDigest"] = content.hex()
+    if len(certificates) != 1:
+        raise NotVerified("the v2 and v3 blocks name different certificates")
+    pool = [x509.load_der_x509_certificate(der) for der in signed.certificates[1:]]
+    _check_signer(certificate, pool=pool, trust=trust, report=report, at=at)
+    report.signer["certificate"] = {"subject": certificate.subject.rfc4514_string(),
+                                    "fingerprint": "sha256:" + hashlib.sha256(signed.certificates[0]).hexdigest()}
+
+
 def verify(fmt: str, *, artifact_path, artifact: bytes, signature: bytes | None, trust: Trust,
            algorithm: str = "SHA256", certificate: x509.Certificate | None = None,
            at: datetime.datetime | None = None) -> Report:
@@ -608,6 +668,10 @@ def verify(fmt: str, *, artifact_path, artifact: bytes, signature: bytes | None,
         if signature is not None:
             raise TrustError("a JAR carries its signature inside; verify the signed JAR without --sig")
         verify_jar(artifact_path, trust=trust, report=report, at=at)
+    elif fmt == "apk":
+        if signature is not None:
+            raise TrustError("an APK carries its signature inside; verify the signed APK without --sig")
+        verify_apk(artifact_path, artifact, trust=trust, report=report, at=at or now)
     else:
         raise TrustError(f"unknown format {fmt!r}; one of {', '.join(FORMATS)}")
     if not report.checked:  # never report success for nothing checked
@@ -617,7 +681,7 @@ def verify(fmt: str, *, artifact_path, artifact: bytes, signature: bytes | None,
 
 def guess_format(path: str, signature_path: str | None) -> str:
     """The format from the file names export and sign write: .sig raw, .p7s cms, .sigstore.json sigstore,
-    a PE (.exe, .dll, .sys, .efi) authenticode, .jar jar."""
+    a PE (.exe, .dll, .sys, .efi) authenticode, .jar jar, .apk apk."""
     if signature_path:
         for suffix, fmt in ((".sigstore.json", "sigstore"), (".p7s", "cms"), (".sig", "raw")):
             if signature_path.endswith(suffix):
@@ -625,6 +689,8 @@ def guess_format(path: str, signature_path: str | None) -> str:
     lowered = path.lower()
     if lowered.endswith((".jar", ".war", ".ear")):
         return "jar"
+    if lowered.endswith(".apk"):
+        return "apk"
     if lowered.endswith((".exe", ".dll", ".sys", ".efi", ".msi", ".ocx", ".scr")):
         return "authenticode"
     raise TrustError("cannot tell the format from the file names; give --format")

@@ -74,6 +74,7 @@ class Algorithm:
 ECDSA_SHA256 = Algorithm(0x0201, "SHA256", "SHA256withECDSA")
 ECDSA_SHA512 = Algorithm(0x0202, "SHA512", "SHA512withECDSA")
 RSA_PKCS1_SHA256 = Algorithm(0x0103, "SHA256", "SHA256withRSA")
+ALGORITHMS = {a.id: a for a in (ECDSA_SHA256, ECDSA_SHA512, RSA_PKCS1_SHA256)}
 _HASHES = {"SHA256": (hashlib.sha256, hashes.SHA256), "SHA512": (hashlib.sha512, hashes.SHA512)}
 
 
@@ -267,17 +268,23 @@ def check(blocks: Sequence[tuple[str, bytes]], *, digest: bytes, digest_algorith
 # --------------------------------------------------------------------------- signing
 
 
-def _verify(public_key_der: bytes, signature: bytes, data: bytes, algorithm: Algorithm) -> None:
-    key = serialization.load_der_public_key(public_key_der)
+def verifies(public_key_der: bytes, signature: bytes, data: bytes, algorithm: Algorithm) -> bool:
+    """Whether ``signature`` is ``algorithm``'s signature over ``data`` by the key ``public_key_der``."""
+    try:
+        key = serialization.load_der_public_key(bytes(public_key_der))
+    except ValueError:
+        return False
     crypto_hash = _HASHES[algorithm.digest_algorithm][1]()
     try:
-        if isinstance(key, ec.EllipticCurvePublicKey):
+        if isinstance(key, ec.EllipticCurvePublicKey) and algorithm.jca.endswith("ECDSA"):
             key.verify(signature, data, ec.ECDSA(crypto_hash))
-        else:
+        elif isinstance(key, rsa.RSAPublicKey) and algorithm.jca.endswith("RSA"):
             key.verify(signature, data, padding.PKCS1v15(), crypto_hash)
+        else:
+            return False
     except InvalidSignature:
-        raise FormatError("the key's signature over the signed data does not verify with the certificate's "
-                          "public key: the certificate is not this key version's") from None
+        return False
+    return True
 
 
 def signing_block(*, blocks: Sequence[tuple[str, bytes]], digest: bytes, digest_algorithm: str,
@@ -290,7 +297,9 @@ def signing_block(*, blocks: Sequence[tuple[str, bytes]], digest: bytes, digest_
     pairs = []
     for block in sorted(parsed, key=lambda b: b.scheme):
         signature = sign(hash_function(block.raw).digest(), algorithm.digest_algorithm)
-        _verify(public_key, signature, block.raw, algorithm)
+        if not verifies(public_key, signature, block.raw, algorithm):
+            raise FormatError("the key's signature over the signed data does not verify with the certificate's "
+                              "public key: the certificate is not this key version's")
         signatures = _sequence([struct.pack("<I", algorithm.id) + _prefixed(signature)])
         sdk = struct.pack("<II", block.min_sdk, block.max_sdk) if block.scheme == "v3" else b""
         signer = _prefixed(block.raw) + sdk + signatures + _prefixed(public_key)
@@ -326,6 +335,38 @@ def parse_block(block: bytes) -> dict[int, bytes]:
         pairs[identifier] = block[position + 12:position + 8 + length]
         position += 8 + length
     return pairs
+
+
+@dataclasses.dataclass(frozen=True)
+class Signer:
+    """One signer of a scheme block, as a verifier reads it."""
+
+    signed_data: SignedData
+    signatures: tuple[tuple[int, bytes], ...]
+    public_key: bytes
+    min_sdk: int | None = None
+    max_sdk: int | None = None
+
+
+def signers(scheme: str, value: bytes) -> list[Signer]:
+    """The signers of a v2 or v3 block's ``value``, each read strictly."""
+    found = []
+    for raw in _Reader(value, f"the {scheme} block").sequence("signers"):
+        reader = _Reader(raw, f"a {scheme} signer")
+        signed = parse_signed_data(scheme, reader.prefixed())
+        min_sdk = max_sdk = None
+        if scheme == "v3":
+            min_sdk, max_sdk = reader.uint32(), reader.uint32()
+        signatures = []
+        for item in reader.sequence("signatures"):
+            entry = _Reader(item, f"a {scheme} signature")
+            signatures.append((entry.uint32(), entry.prefixed()))
+            entry.end()
+        public_key = reader.prefixed()
+        reader.end()
+        found.append(Signer(signed_data=signed, signatures=tuple(signatures), public_key=public_key,
+                            min_sdk=min_sdk, max_sdk=max_sdk))
+    return found
 
 
 def signed_data_of(block: bytes) -> dict[str, bytes]:
