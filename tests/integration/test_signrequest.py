@@ -161,6 +161,9 @@ def test_two_approvals_from_distinct_approvers_sign_and_openssl_verifies(cluster
     assert intent["event"] == "Intent" and sorted(intent["approvers"]) == ["bob", "carol"]
     assert signed["event"] == "Signed" and signed["hash"] == status["audit"]["entryHash"]
     assert signed["index"] == status["audit"]["index"]
+    # the key's status counts the signatures the signer made with it
+    wait_for(lambda: get(cluster, "signingkey", key, namespace=NAMESPACE)["status"].get("signatureCount") == 2,
+             what="the key's signatureCount to count both signatures")
 
     # a final request never changes again
     assert kubectl(cluster, "wait", "--for=condition=Ready", f"signrequest/{name}", "-n", NAMESPACE,

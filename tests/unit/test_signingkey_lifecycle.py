@@ -252,7 +252,7 @@ def test_next_wakeup_is_the_earliest_of_window_and_the_signers_next_change():
 
 
 def test_status_patch_sends_only_changes_and_removes_stale_fields():
-    current = {"phase": "Offline", "nextWindowAt": "x", "signatureCount": 5}
+    current = {"phase": "Offline", "nextWindowAt": "x", "consumedBy": "sr-1"}
     desired = {"phase": "Active"}
     assert sk.status_patch(current, desired) == {"phase": "Active", "nextWindowAt": None}
     assert sk.status_patch(desired, desired) is None
@@ -292,3 +292,21 @@ def test_an_object_seen_for_the_first_time_is_reconciling_not_ready():
         ("Reconciling", "True", 3), ("Ready", "False", 3)]
     assert conditions.needs_first_status(None) and conditions.needs_first_status({"phase": "Pending"})
     assert not conditions.needs_first_status(first)
+
+
+def test_the_signature_count_comes_from_the_logs_signed_entries():
+    records: dict[str, keys.KeyRecord] = {}
+    ref = {"namespace": "team-a", "name": "release", "uid": "u"}
+    stamp = NOW.isoformat()
+    keys.apply(records, {"event": "KeyVersionGenerated", "key": ref, "version": 1, "algorithm": "ECDSA_P256",
+                         "publicKey": "p1", "fingerprint": "f1", "time": stamp})
+    for index, count in enumerate((1, 3)):
+        keys.apply(records, {"event": "Signed", "time": stamp, "key": {**ref, "version": 1},
+                             "request": {"namespace": "team-a", "name": f"sr-{index}", "uid": f"r{index}"},
+                             "signatures": [{"name": f"f{n}", "hash": "sha256:x"} for n in range(count)]})
+    # a signature with another key, and one whose key the log never generated, change nothing here
+    keys.apply(records, {"event": "Signed", "time": stamp, "key": {"name": "other", "uid": "elsewhere", "version": 1},
+                         "request": {"namespace": "team-a", "name": "sr-x", "uid": "rx"},
+                         "signatures": [{"name": "f", "hash": "sha256:y"}]})
+    assert keys.mirror(records["u"], spec=None)["signatureCount"] == 4
+    assert "elsewhere" not in records

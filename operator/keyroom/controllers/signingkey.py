@@ -137,13 +137,15 @@ def desired_status(*, spec: Mapping, status: Mapping, record: Mapping | None, ge
         "conditions": conditions.merge(status.get("conditions"), updates, now=schedule.format_time(at)),
         "lastRotationRequest": (record or {}).get("lastRotationRequest") or status.get("lastRotationRequest"),
         "consumedBy": consumed_by,
+        # the signer counts the signatures in its log; without its record the count shown stays
+        "signatureCount": (record or {}).get("signatureCount", status.get("signatureCount")),
     }
     return {k: v for k, v in result.items() if v is not None}
 
 
 def status_patch(current: Mapping, desired: Mapping) -> dict | None:
     """A merge patch from the current status to the desired one (None when nothing changed)."""
-    keep = {"signatureCount", "consumedBy"}  # written by the SignRequest reconciler
+    keep = {"consumedBy"}  # written by the SignRequest reconciler
     patch = {k: v for k, v in desired.items() if current.get(k) != v}
     patch.update({k: None for k in current if k not in desired and k not in keep})
     return patch or None
@@ -218,22 +220,45 @@ async def reconcile(*, body: Mapping, signer: SignerClient | None, at: datetime.
     return next_wakeup(spec, record, at)
 
 
+@kopf.on.startup()
+def setup_signing_keys(memo: kopf.Memo, **_: Any) -> None:
+    #: (namespace, name) -> the wake-up event of that SigningKey's daemon, for other reconcilers to nudge it
+    memo.key_wakeups = {}
+
+
+def wake(memo: kopf.Memo, namespace: str, name: str) -> None:
+    """Have a SigningKey's daemon ask the signer again soon (a request signed with it changed its count).
+
+    Wake-ups before the daemon's next pass coalesce into one pass.
+    """
+    wakeup = memo.key_wakeups.get((namespace, name))
+    if wakeup is not None:
+        wakeup.set()
+
+
 @kopf.daemon(GROUP, VERSION, "signingkeys", cancellation_timeout=30)
 async def keep_signing_key(body: kopf.Body, memo: kopf.Memo, stopped: kopf.DaemonStopped,
                            logger: Any, **_: Any) -> None:
     wakeup = memo.setdefault("wakeup", asyncio.Event())
-    await daemon.write_first_status(plural="signingkeys", body=body, message="asking the signer for the key's record")
-    backoff = 1.0
-    while not stopped:
-        wakeup.clear()
-        try:
-            due = await reconcile(body=body, signer=memo.get("signer"), at=now(), logger=logger)
-            backoff = 1.0
-            seconds = None if due is None else max(0.0, (due - now()).total_seconds())
-        except SignerError as error:
-            seconds = None if error.reason in _STALLING else backoff
-            backoff = min(backoff * 2, _MAX_BACKOFF)
-        await daemon.sleep(stopped, wakeup, seconds)
+    where = (body["metadata"]["namespace"], body["metadata"]["name"])
+    memo.key_wakeups[where] = wakeup
+    try:
+        await daemon.write_first_status(plural="signingkeys", body=body,
+                                        message="asking the signer for the key's record")
+        backoff = 1.0
+        while not stopped:
+            wakeup.clear()
+            try:
+                due = await reconcile(body=body, signer=memo.get("signer"), at=now(), logger=logger)
+                backoff = 1.0
+                seconds = None if due is None else max(0.0, (due - now()).total_seconds())
+            except SignerError as error:
+                seconds = None if error.reason in _STALLING else backoff
+                backoff = min(backoff * 2, _MAX_BACKOFF)
+            await daemon.sleep(stopped, wakeup, seconds)
+    finally:
+        if memo.key_wakeups.get(where) is wakeup:
+            del memo.key_wakeups[where]
 
 
 @kopf.on.event(GROUP, VERSION, "signingkeys")

@@ -29,7 +29,7 @@ import dataclasses
 import datetime
 import logging
 import os
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import kopf
 import kubernetes
@@ -37,7 +37,7 @@ import kubernetes
 from keyroom import conditions, policy, schedule
 from keyroom.api.common import GROUP, VERSION
 from keyroom.api.signrequest import TERMINAL_PHASES
-from keyroom.controllers import kube
+from keyroom.controllers import kube, signingkey
 from keyroom.controllers.notify import Notifier, transition
 from keyroom.signer.client import SignerClient, SignerError, digests_fingerprint
 
@@ -235,9 +235,12 @@ class Reconciler:
     """Decides and acts for one request at a time (per-request lock); shared by all the triggers."""
 
     def __init__(self, *, requests: Requests, signer: SignerClient | None, keys: kopf.Index,
-                 policies: kopf.Index, key_labels: kopf.Index, notifier: Notifier | None = None) -> None:
+                 policies: kopf.Index, key_labels: kopf.Index, notifier: Notifier | None = None,
+                 key_signed: Callable[[str, str], None] | None = None) -> None:
         self.requests, self.signer, self.notifier = requests, signer, notifier
         self.keys, self.policies, self.key_labels = keys, policies, key_labels
+        #: called with (namespace, key name) once a request was signed (the key's signature count changed)
+        self.key_signed = key_signed
 
     async def __call__(self, namespace: str, name: str) -> None:
         lock = self.requests.locks.setdefault((namespace, name), asyncio.Lock())
@@ -419,6 +422,8 @@ class Reconciler:
             desired["certificate"] = result["certificate"]
         body = await self._write(body, status_patch(status, desired))
         kopf.info(body, reason="Signed", message=f"{desired['message']}; audit entry {result['audit']['index']}")
+        if self.key_signed is not None:
+            self.key_signed(namespace, spec["keyRef"]["name"])
         key = next(iter(self.keys.get((namespace, spec["keyRef"]["name"]), [])), None)
         if key is not None and key["spec"].get("usage") == "OneTime" and not key["status"].get("consumedBy"):
             await kube.patch_status(plural="signingkeys", namespace=namespace, name=spec["keyRef"]["name"],
@@ -441,7 +446,8 @@ class Reconciler:
 def _reconciler(memo: kopf.Memo, signing_keys: kopf.Index, policies_by_namespace: kopf.Index,
                 keys_by_namespace: kopf.Index) -> Reconciler:
     return Reconciler(requests=memo.signrequests, signer=memo.get("signer"), keys=signing_keys,
-                      policies=policies_by_namespace, key_labels=keys_by_namespace, notifier=memo.get("notifier"))
+                      policies=policies_by_namespace, key_labels=keys_by_namespace, notifier=memo.get("notifier"),
+                      key_signed=lambda namespace, key: signingkey.wake(memo, namespace, key))
 
 
 # ---------------------------------------------------------------- triggers

@@ -71,6 +71,8 @@ class KeyRecord:
     #: for a OneTime key: the request that consumed it, {"name", "uid", "at"}
     consumed_by: dict | None = None
     rotation_request: str | None = None
+    #: signatures made with the key, counted from the log's Signed entries
+    signatures: int = 0
 
     @property
     def current(self) -> VersionRecord | None:
@@ -103,11 +105,14 @@ def apply(records: dict[str, KeyRecord], entry: Mapping) -> None:
             record.consumed_by = {"name": "", "uid": "", "at": at}
         return
     if event == "Signed":
+        record = records.get(uid)
         if key.get("usage") == "OneTime":
             record = records.setdefault(uid, KeyRecord(entry["request"]["namespace"], key["name"], uid))
             record.usage = "OneTime"
             if record.consumed_by is None:
                 record.consumed_by = {"name": entry["request"]["name"], "uid": entry["request"]["uid"], "at": at}
+        if record is not None:
+            record.signatures += len(entry.get("signatures") or ())
         return
     if event not in EVENTS:
         return
@@ -267,6 +272,7 @@ def mirror(record: KeyRecord, *, spec: Mapping | None) -> dict:
         "versions": versions,
         "currentVersion": current.version if current else None,
         "consumedBy": (record.consumed_by["name"] or UNKNOWN_CONSUMER) if record.consumed_by else None,
+        "signatureCount": record.signatures,
         "lastRotationRequest": record.rotation_request,
         "nextChangeAt": schedule.format_time(change) if change else None,
         "missingVersions": sorted(missing),
