@@ -83,8 +83,17 @@ def _annotations(obj: str) -> str:
     return f"(has({obj}.metadata.annotations) ? {obj}.metadata.annotations : {{}})"
 
 
-def _check(expression: str, message_expression: str) -> dict:
-    return {"expression": expression, "messageExpression": message_expression, "reason": "Forbidden"}
+def _check(expression: str, message_expression: str, *, message: str | None = None) -> dict:
+    """One validation; ``message`` is what the API server says when the message expression cannot be shown.
+
+    A message expression that quotes a value the caller wrote, such as a forged user with a newline in it,
+    yields a message with a line break, which the API server refuses to show: without ``message`` the caller
+    would read only the failed CEL expression.
+    """
+    check = {"expression": expression, "messageExpression": message_expression, "reason": "Forbidden"}
+    if message:
+        check["message"] = message
+    return check
 
 
 def validating_admission_policy() -> dict:
@@ -126,7 +135,8 @@ def validating_admission_policy() -> dict:
             "validations": [
                 _check(f"!({created}) || object.spec.requester.username == request.userInfo.username",
                        "'spec.requester.username must be your own username \"' + request.userInfo.username + "
-                       "'\", not \"' + object.spec.requester.username + '\"'"),
+                       "'\", not \"' + object.spec.requester.username + '\"'",
+                       message="spec.requester.username must be your own username (kubectl auth whoami shows it)"),
                 _check(f"!({created}) || ({_same_set('variables.requesterGroups', 'variables.callerGroups')})",
                        "'spec.requester.groups must be exactly your groups [' + "
                        "variables.callerGroups.join(', ') + '] (kubectl auth whoami shows them)'"),
@@ -140,7 +150,8 @@ def validating_admission_policy() -> dict:
                        "'approvals are append-only: existing entries cannot be removed or edited'"),
                 _check(f"!variables.appendedOne || {appended}.user == request.userInfo.username",
                        f"'an approval must be your own: user must be \"' + request.userInfo.username + "
-                       f"'\", not \"' + {appended}.user + '\"'"),
+                       f"'\", not \"' + {appended}.user + '\"'",
+                       message="an approval must be your own: its user must be your username"),
                 _check(f"!variables.appendedOne || ({_same_set(f'(has({appended}.groups) ? {appended}.groups : [])', 'variables.callerGroups')})",
                        "'an approval must carry exactly your groups [' + variables.callerGroups.join(', ') + ']'"),
                 _check(f"!({created}) || size(variables.newAttestations) == 0",
@@ -158,7 +169,8 @@ def validating_admission_policy() -> dict:
                        f"signrequests in ' + request.namespace + ' (the keyroom-builder role grants it)'"),
                 _check(f"!variables.attestedOne || {attested}.user == request.userInfo.username",
                        f"'an attestation must be your own: user must be \"' + request.userInfo.username + "
-                       f"'\", not \"' + {attested}.user + '\"'"),
+                       f"'\", not \"' + {attested}.user + '\"'",
+                       message="an attestation must be your own: its user must be your username"),
                 _check(f"!variables.attestedOne || ({_same_set(f'(has({attested}.groups) ? {attested}.groups : [])', 'variables.callerGroups')})",
                        "'an attestation must carry exactly your groups [' + variables.callerGroups.join(', ') + ']'"),
                 _check(f"!variables.attestedOne || !variables.oldAttestations.exists(a, a.user == "
