@@ -24,7 +24,8 @@ def test_cron_accepted(value):
     assert re.fullmatch(CRON_PATTERN, value)
 
 
-@pytest.mark.parametrize("value", ["every monday", "0 9 * *", "@sometimes", ""])
+@pytest.mark.parametrize("value", ["every monday", "0 9 * *", "@sometimes", "", "$(reboot) * * * *",
+                                   "0 9 * * `id`", "0 9 * *\n*", "0 9 * * 1;rm"])
 def test_cron_refused(value):
     assert not re.fullmatch(CRON_PATTERN, value)
 

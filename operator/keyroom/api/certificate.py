@@ -8,15 +8,18 @@ from __future__ import annotations
 
 from keyroom.api.common import Kind, age_column, object_reference, printer_column, ready_column
 from keyroom.api.schema import (
-    NAME_PATTERN, array, boolean, integer, obj, rule, string, string_list, timestamp,
+    NAME_PATTERN, array, boolean, integer, obj, printable, rule, string, string_list, timestamp,
 )
 
 USAGES = ["codeSigning", "digitalSignature", "timeStamping", "keyCertSign", "cRLSign"]
 REVOCATION_REASONS = ["unspecified", "keyCompromise", "cACompromise", "affiliationChanged",
                       "superseded", "cessationOfOperation", "privilegeWithdrawn"]
 CONDITION_TYPES = ["Ready", "Issuing", "Revoked", "Expired", "Reconciling", "Stalled"]
-#: durations of certificates: whole days, hours, minutes and seconds (so that admission can compare them)
-CERTIFICATE_DURATION_PATTERN = r"^([0-9]+d)?([0-9]+h)?([0-9]+m)?([0-9]+s)?$"
+#: durations of certificates: whole days, hours, minutes and seconds (so that admission can compare them; nine
+#: digits keep the seconds inside CEL's integers)
+CERTIFICATE_DURATION_PATTERN = r"^([0-9]{1,9}d)?([0-9]{1,9}h)?([0-9]{1,9}m)?([0-9]{1,9}s)?$"
+#: the longest validity a certificate may ask for: a root CA's lifetime, and far inside the calendar of X.509
+MAX_CERTIFICATE_DAYS = 36500
 
 
 def _seconds(field: str) -> str:
@@ -47,13 +50,18 @@ _issuer = obj(
 _subject = obj(
     "The certificate's subject distinguished name.",
     {
-        "commonName": string("The subject's common name (CN).", min_length=1, max_length=64),
-        "organization": string_list("Organizations (O).", max_items=8, item_max_length=64),
-        "organizationalUnit": string_list("Organizational units (OU).", max_items=8, item_max_length=64),
+        "commonName": string("The subject's common name (CN).", min_length=1, max_length=64,
+                             rules=[printable("spec.subject.commonName")]),
+        "organization": string_list("Organizations (O).", max_items=8, item_max_length=64,
+                                    item_rules=[printable("an organization")]),
+        "organizationalUnit": string_list("Organizational units (OU).", max_items=8, item_max_length=64,
+                                          item_rules=[printable("an organizational unit")]),
         "country": string_list("Two-letter country codes (C).", max_items=4, item_max_length=2,
                                pattern=r"^[A-Z]{2}$"),
-        "locality": string_list("Localities (L).", max_items=4, item_max_length=128),
-        "province": string_list("States or provinces (ST).", max_items=4, item_max_length=128),
+        "locality": string_list("Localities (L).", max_items=4, item_max_length=128,
+                                item_rules=[printable("a locality")]),
+        "province": string_list("States or provinces (ST).", max_items=4, item_max_length=128,
+                                item_rules=[printable("a province")]),
     },
     required=["commonName"],
 )
@@ -76,7 +84,7 @@ SPEC = obj(
                                   default=True),
         "crlDistributionPoint": string("CA certificates only: the URL where this CA's CRL is published, written "
                                        "into the certificates it issues (the CRL itself is also in the ConfigMap "
-                                       "<name>-crl).", max_length=512, pattern=r"^https?://[^\\s]+$"),
+                                       "<name>-crl).", max_length=512, pattern=r"^https?://[!-~]+$"),
         "secretName": string("A Secret to write tls.crt and ca.crt into (never a private key).",
                              pattern=NAME_PATTERN, max_length=253),
         "revocation": obj(
@@ -94,6 +102,8 @@ SPEC = obj(
         rule("!has(oldSelf.revocation) || (has(self.revocation) && self.revocation == oldSelf.revocation)",
              "a revocation cannot be withdrawn or changed", field_path=".revocation"),
         rule(f"{_seconds('duration')} > 0", "spec.duration must be positive", field_path=".duration"),
+        rule(f"{_seconds('duration')} <= {MAX_CERTIFICATE_DAYS * 86400}",
+             f"spec.duration may be at most {MAX_CERTIFICATE_DAYS}d (100 years)", field_path=".duration"),
         rule(f"{_seconds('renewBefore')} > 0", "spec.renewBefore must be positive", field_path=".renewBefore"),
         rule(f"{_seconds('renewBefore')} < {_seconds('duration')}",
              "spec.renewBefore must be less than spec.duration, or the certificate would be renewed as soon as "

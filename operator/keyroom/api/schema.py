@@ -14,6 +14,12 @@ Schema = dict[str, Any]
 DURATION_PATTERN = r"^([0-9]+(\.[0-9]+)?(ns|us|ms|s|m|h|d))+$"
 #: A Kubernetes object name (DNS-1123 subdomain).
 NAME_PATTERN = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"
+#: The most digits of a duration's whole numbers: 99999d is 273 years, and the 32 characters of a duration hold at
+#: most five such parts, so that now plus any duration stays inside the calendar (year 9999) of every reader.
+DURATION_DIGITS = 5
+#: CEL: characters that make text lie on a terminal or a screen: C0 and C1 controls (newline, NUL, ANSI escapes
+#: ...), DEL, and the bidirectional overrides and isolates that reorder what is shown (U+202A-E, U+2066-9).
+_DECEPTIVE = r"[\\x00-\\x1f\\x7f-\\x9f\\x{202a}-\\x{202e}\\x{2066}-\\x{2069}]"
 
 
 def rule(expression: str, message: str, *, field_path: str | None = None,
@@ -59,9 +65,24 @@ def string(description: str, *, enum: list[str] | None = None, pattern: str | No
     return _finish(schema, description, rules, default)
 
 
-def duration(description: str, *, default: str | None = None, rules: list[Schema] | None = None) -> Schema:
+def printable(what: str) -> Schema:
+    """A rule that keeps control characters and bidirectional overrides out of text people read."""
+    return rule(f"!self.matches('{_DECEPTIVE}')",
+                f"{what} must not contain control characters (newlines, NUL, ANSI escapes) or bidirectional "
+                "overrides: they change what approvers and auditors see")
+
+
+def duration(description: str, *, default: str | None = None, rules: list[Schema] | None = None,
+             at_least_a_second: bool = False) -> Schema:
+    """A duration; ``at_least_a_second`` where zero would mean "all the time" (rotate, expire at once)."""
+    bounds = [rule(f"!self.matches('(^|[a-z])[0-9]{{{DURATION_DIGITS + 1}}}')",
+                   f"a duration's numbers have at most {DURATION_DIGITS} digits (99999d is 273 years): "
+                   "use a larger unit")]
+    if at_least_a_second:
+        bounds.append(rule("self.matches('(^|[a-z])0*[1-9][0-9]*([.][0-9]+)?(s|m|h|d)($|[0-9])')",
+                           "must be at least one second"))
     return string(description + " A duration such as 90m, 36h, 90d or 1d12h.",
-                  pattern=DURATION_PATTERN, max_length=32, default=default, rules=rules)
+                  pattern=DURATION_PATTERN, max_length=32, default=default, rules=bounds + (rules or []))
 
 
 def timestamp(description: str, *, rules: list[Schema] | None = None) -> Schema:
@@ -103,8 +124,10 @@ def array(description: str, items: Schema, *, min_items: int | None = None, max_
 
 def string_list(description: str, *, max_items: int = 100, item_max_length: int = 253,
                 enum: list[str] | None = None, pattern: str | None = None,
-                min_items: int | None = None, default: list | None = None) -> Schema:
-    return array(description, string("", enum=enum, pattern=pattern, min_length=1, max_length=item_max_length),
+                min_items: int | None = None, default: list | None = None,
+                item_rules: list[Schema] | None = None) -> Schema:
+    return array(description, string("", enum=enum, pattern=pattern, min_length=1, max_length=item_max_length,
+                                     rules=item_rules),
                  min_items=min_items, max_items=max_items, list_type="set", default=default)
 
 

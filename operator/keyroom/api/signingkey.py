@@ -19,8 +19,10 @@ VERSION_STATES = ["Enabled", "Disabled", "PendingDestruction", "Destroyed"]
 DELETION_POLICIES = ["Destroy", "Retain"]
 CONDITION_TYPES = ["Ready", "Online", "Reconciling", "Stalled"]
 
-#: Five cron fields (minute hour day-of-month month day-of-week) or a @-macro.
-CRON_PATTERN = r"^(@(yearly|annually|monthly|weekly|daily|midnight|hourly)|(\S+\s+){4}\S+)$"
+#: Five cron fields (minute hour day-of-month month day-of-week) or a @-macro; a field holds numbers, names
+#: (mon, jan), ``* / , - ?``, and croniter's ``L W #``: nothing a shell or a terminal would act on.
+CRON_FIELD = r"[0-9A-Za-z*/,?#-]+"
+CRON_PATTERN = rf"^(@(yearly|annually|monthly|weekly|daily|midnight|hourly)|({CRON_FIELD}[ \t]+){{4}}{CRON_FIELD})$"
 
 _window = obj(
     "A time in which an offline key may sign: either an absolute window (start and end) "
@@ -31,7 +33,7 @@ _window = obj(
         "schedule": string("When a recurring window opens, as a five-field cron expression "
                            "(minute hour day-of-month month day-of-week), e.g. '0 9 * * 1-5'.",
                            pattern=CRON_PATTERN, max_length=128),
-        "duration": duration("How long a recurring window stays open."),
+        "duration": duration("How long a recurring window stays open.", at_least_a_second=True),
         "timeZone": string("IANA time zone of the schedule, e.g. Europe/Berlin. Default UTC.",
                            pattern=r"^[A-Za-z][A-Za-z0-9_+\-]*(/[A-Za-z0-9_+\-]+)*$", max_length=64),
     },
@@ -58,7 +60,7 @@ SPEC = obj(
             "Scheduled rotation. Without it the key is never rotated on a schedule "
             "(a manual rotation is still possible with the keyroom.dev/rotate annotation).",
             {
-                "every": duration("How often a new key version is generated."),
+                "every": duration("How often a new key version is generated.", at_least_a_second=True),
                 "keepVersions": integer("How many old versions are kept (disabled for signing, public key "
                                         "kept for verification) before they are scheduled for destruction.",
                                         minimum=0, maximum=100, default=3),

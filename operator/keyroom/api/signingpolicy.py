@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from keyroom.api.common import Kind, age_column, printer_column, ready_column
 from keyroom.api.schema import (
-    array, boolean, duration, integer, name, obj, rule, string, string_list,
+    NAME_PATTERN, array, boolean, duration, integer, name, obj, rule, string, string_list,
 )
 
 DIGEST_ALGORITHMS = ["SHA256", "SHA384", "SHA512"]
@@ -51,7 +51,7 @@ SPEC = obj(
     "The desired state of a SigningPolicy.",
     {
         "keySelector": _label_selector,
-        "keys": string_list("SigningKeys in the policy's namespace, by name.", max_items=64),
+        "keys": string_list("SigningKeys in the policy's namespace, by name.", max_items=64, pattern=NAME_PATTERN),
         "requesters": obj(
             "Who may request signatures. A request's requester is authenticated by the API server.",
             {
@@ -107,7 +107,8 @@ SPEC = obj(
                                      "CABForumCodeSigning: RSA 3072+ or ECDSA P-256/P-384 keys and at most 460 days "
                                      "of validity; a Certificate that does not meet it is not issued.",
                                      enum=CERTIFICATE_PROFILES),
-        "requestTTL": duration("How long a request may wait for approval before it expires.", default="24h"),
+        "requestTTL": duration("How long a request may wait for approval before it expires.", default="24h",
+                               at_least_a_second=True),
     },
     required=["requesters"],
     rules=[

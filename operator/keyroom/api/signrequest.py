@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from keyroom.api.common import Kind, age_column, object_reference, printer_column
 from keyroom.api.signingpolicy import CERTIFICATE_FORMATS, DIGEST_ALGORITHMS, FORMATS, MAX_DIGESTS_PER_REQUEST
-from keyroom.api.schema import array, integer, obj, rule, string, string_list, timestamp
+from keyroom.api.schema import array, integer, obj, printable, rule, string, string_list, timestamp
 
 PHASES = ["Pending", "Approved", "Signing", "Signed", "Denied", "Expired", "Failed"]
 TERMINAL_PHASES = ["Signed", "Denied", "Expired", "Failed"]
@@ -30,6 +30,10 @@ MAX_MANIFEST_LENGTH = 1_048_576
 MAX_SIGNED_DATA_LENGTH = 21_848
 APK_SCHEMES = ["v2", "v3"]
 
+#: a digest's name is shown to approvers: no control characters (newlines, ANSI escapes), DEL, C1 controls or
+#: bidirectional overrides that would make "invoice\u202efdp.exe" read as "invoiceexe.pdf" (RE2 syntax)
+DIGEST_NAME_PATTERN = r"^[^\x00-\x1f\x7f-\x9f\x{202a}-\x{202e}\x{2066}-\x{2069}]+$"
+
 _groups = string_list("Groups, as the API server authenticated them.", max_items=64)
 
 _approval = obj(
@@ -38,7 +42,7 @@ _approval = obj(
         "user": string("The approver's username; must be the user making the update.", min_length=1, max_length=253),
         "groups": _groups,
         "decision": string("Approve or Deny.", enum=DECISIONS),
-        "reason": string("Why.", max_length=1024),
+        "reason": string("Why.", max_length=1024, rules=[printable("an approval's reason")]),
     },
     required=["user", "decision"],
 )
@@ -47,7 +51,7 @@ _digest = obj(
     "One digest to sign.",
     {
         "name": string("The artifact's name, e.g. its file name; unique within the request.",
-                       min_length=1, max_length=253, pattern=r"^[^\x00-\x1f\x7f]+$"),
+                       min_length=1, max_length=253, pattern=DIGEST_NAME_PATTERN),
         "value": string("The digest, hex-encoded.", min_length=64, max_length=128, pattern=r"^[0-9a-fA-F]+$"),
     },
     required=["name", "value"],
@@ -60,7 +64,7 @@ _attestation = obj(
         "user": string("The builder's username; must be the user making the update.", min_length=1, max_length=253),
         "groups": _groups,
         "build": string("The build that computed the digests, e.g. the CI run's URL (shown in status and audited).",
-                        max_length=1024),
+                        max_length=1024, rules=[printable("an attestation's build")]),
         "digests": array("The digests this builder computed, with the request's names and digestAlgorithm.",
                          _digest, min_items=1, max_items=MAX_DIGESTS_PER_REQUEST, list_type="map",
                          map_keys=["name"]),
@@ -106,7 +110,8 @@ SPEC = obj(
             {"username": string("The requester's username.", min_length=1, max_length=253), "groups": _groups},
             required=["username"],
         ),
-        "reason": string("Why the signatures are needed, shown to approvers, e.g. 'release 1.4.2'.", max_length=1024),
+        "reason": string("Why the signatures are needed, shown to approvers, e.g. 'release 1.4.2'.", max_length=1024,
+                         rules=[printable("spec.reason")]),
         "format": string("raw: a signature over each digest; cms: a detached CMS SignedData with the certificate "
                          "chain; authenticode: the PKCS#7 for a PE file's Authenticode digest; jar: the signature "
                          "block for the JAR manifest in spec.manifest; sigstore: a Sigstore bundle v0.3; apk: the "
