@@ -15,7 +15,7 @@ from keyroom import schedule
 DEFAULT_REQUEST_TTL = "24h"
 RATE_WINDOW = datetime.timedelta(hours=1)
 #: the signature formats the signer produces (cms, authenticode, jar and apk embed the key version's certificate)
-SUPPORTED_FORMATS = ("raw", "cms", "authenticode", "jar", "sigstore", "apk")
+SUPPORTED_FORMATS = ("raw", "cms", "authenticode", "jar", "sigstore", "apk", "cosign")
 
 
 def _requirement_holds(labels: Mapping[str, str], requirement: Mapping) -> bool:

@@ -13,8 +13,8 @@ from keyroom.api.schema import (
 DIGEST_ALGORITHMS = ["SHA256", "SHA384", "SHA512"]
 #: raw: a signature over each digest; cms: a detached CMS SignedData; authenticode: the PKCS#7 of a PE file;
 #: jar: the signature block of a JAR's manifest; sigstore: a Sigstore bundle v0.3 with a public-key hint;
-#: apk: the APK Signing Block (v2 and v3) of an APK
-FORMATS = ["raw", "cms", "authenticode", "jar", "sigstore", "apk"]
+#: apk: the APK Signing Block (v2 and v3) of an APK; cosign: a container image's simple-signing payload and signature
+FORMATS = ["raw", "cms", "authenticode", "jar", "sigstore", "apk", "cosign"]
 #: the formats that embed the key version's certificate
 CERTIFICATE_FORMATS = ["cms", "authenticode", "jar", "apk"]
 CERTIFICATE_PROFILES = ["CABForumCodeSigning"]

@@ -26,6 +26,12 @@ DIGEST_HEX_LENGTH = {"SHA256": 64, "SHA384": 96, "SHA512": 128}
 MAX_CERTIFICATE_DIGESTS = 100
 #: the longest JAR manifest a request carries, base64
 MAX_MANIFEST_LENGTH = 1_048_576
+#: format cosign: a digest's name is an image reference, host[:port]/path[:tag]; the host has a dot or a port or is
+#: localhost (as Docker tells a registry from a path), and no @digest
+_LABEL = r"[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?"
+_DOMAIN = rf"(?:{_LABEL}(?:\.{_LABEL})+(?::[0-9]+)?|{_LABEL}:[0-9]+|localhost)"
+_PATH = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
+IMAGE_REFERENCE_PATTERN = rf"^{_DOMAIN}(?:/{_PATH})+(?::[A-Za-z0-9_][A-Za-z0-9_.-]{{0,127}})?$"
 #: the longest APK signed data block a request carries, base64 (16 KiB: one digest, certificate and attribute)
 MAX_SIGNED_DATA_LENGTH = 21_848
 APK_SCHEMES = ["v2", "v3"]
@@ -115,7 +121,9 @@ SPEC = obj(
         "format": string("raw: a signature over each digest; cms: a detached CMS SignedData with the certificate "
                          "chain; authenticode: the PKCS#7 for a PE file's Authenticode digest; jar: the signature "
                          "block for the JAR manifest in spec.manifest; sigstore: a Sigstore bundle v0.3; apk: the "
-                         "APK Signing Block (v2, v3) over the signed data in spec.apk.",
+                         "APK Signing Block (v2, v3) over the signed data in spec.apk; cosign: a container image "
+                         "signature as cosign makes it (the simple-signing payload the signer builds for each digest, "
+                         "named by the image reference, valued by its manifest's SHA-256, and the signature over it).",
                          enum=FORMATS, default="raw"),
         "certificateRef": object_reference("The Certificate whose certificate cms, authenticode, jar and apk "
                                            "signatures embed; by default the key version's valid certificate.",
@@ -147,6 +155,11 @@ SPEC = obj(
         rule("self.format == 'apk' ? (has(self.apk) && size(self.digests) == 1) : !has(self.apk)",
              "format apk signs one APK: exactly one digest (its content digest) and spec.apk; other formats carry "
              "no spec.apk", field_path=".apk"),
+        rule(f"self.format != 'cosign' || (self.digestAlgorithm == 'SHA256' && "
+             f"self.digests.all(d, d.name.matches(r'{IMAGE_REFERENCE_PATTERN}')))",
+             "format cosign signs container images by digest: digestAlgorithm SHA256, each digest's value the hex "
+             "of the image manifest's sha256 and its name the image reference registry.example/path/name[:tag] "
+             "(the registry named, no @digest; a tag alone is never signed)", field_path=".digests"),
         rule(f"!(self.format in {CERTIFICATE_FORMATS!r}) || size(self.digests) <= {MAX_CERTIFICATE_DIGESTS}",
              f"cms, authenticode and jar requests carry at most {MAX_CERTIFICATE_DIGESTS} digests (each signature "
              "embeds the certificate chain); split the files over several requests", field_path=".digests"),

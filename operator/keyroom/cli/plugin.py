@@ -270,6 +270,12 @@ def describe(body: dict) -> str:
     if status.get("audit"):
         lines.append(f"  audit:      entry {status['audit']['index']} {status['audit']['entryHash']}")
     signed = {s["name"] for s in status.get("signatures") or []}
+    if spec.get("format") == "cosign":  # what is signed: each image's repository and manifest digest, not a tag
+        lines.append("  images (reference, manifest digest; a tag is shown, never signed):")
+        for digest in spec["digests"]:
+            lines.append(f"    {digest['name']}  sha256:{digest['value']}" + ("  signed" if digest["name"] in signed
+                                                                              else ""))
+        return "\n".join(lines)
     lines.append(f"  digests ({spec.get('digestAlgorithm', 'SHA256')}):")
     for digest in spec["digests"]:
         lines.append(f"    {digest['name']}  {digest['value']}" + ("  signed" if digest["name"] in signed else ""))
@@ -414,6 +420,7 @@ def cli() -> None:
     Requesters:  sign, status, get, whoami
     Approvers:   pending, approve, deny
     Builders:    attest
+    Images:      sign-image, verify-image  (container images, as cosign signs them)
     Verifiers:   export, verify  (verify needs no cluster)
     Admins:      keys, rotate, audit show, audit verify, access, report
     Anyone:      completion
@@ -847,15 +854,18 @@ def pending(output, target) -> int:
                           "format": spec.get("format", "raw"), "digests": len(spec["digests"]),
                           "reason": spec.get("reason", ""), "approvals": status.get("approvalSummary", ""),
                           "waitingFor": status.get("message", ""), "yourApproval": why,
-                          "age": _age(request["metadata"].get("creationTimestamp"))})
+                          "age": _age(request["metadata"].get("creationTimestamp")),
+                          **({"images": [f"{d['name']}@sha256:{d['value']}" for d in spec["digests"]]}
+                             if spec.get("format") == "cosign" else {})})
 
     def text() -> str:
         if not found:
             return f"nothing waits for your approval in {', '.join(namespaces) or 'any namespace you can read'}"
         rows = [[f["namespace"], f["name"], f["requester"], f["key"], f["format"], str(f["digests"]), f["approvals"],
                  f["age"], f["reason"], f["waitingFor"]] for f in found]
-        return render_table(["NAMESPACE", "NAME", "REQUESTER", "KEY", "FORMAT", "DIGESTS", "APPROVALS", "AGE",
-                             "REASON", "WAITING FOR"], rows)
+        images = [f"{f['namespace']}/{f['name']} signs image {image}" for f in found for image in f.get("images", [])]
+        return "\n".join([render_table(["NAMESPACE", "NAME", "REQUESTER", "KEY", "FORMAT", "DIGESTS", "APPROVALS",
+                                         "AGE", "REASON", "WAITING FOR"], rows), *images])
     emit(found, output, text)
     return OK
 
@@ -909,9 +919,10 @@ def completion(shell) -> int:
 
 
 def _register() -> None:
-    from keyroom.cli import admin, offline
+    from keyroom.cli import admin, images, offline
 
-    for command in (offline.export, offline.verify, admin.keys, admin.access, admin.audit, admin.report):
+    for command in (offline.export, offline.verify, images.sign_image, images.verify_image, admin.keys, admin.access,
+                    admin.audit, admin.report):
         cli.add_command(command)
 
 

@@ -48,7 +48,7 @@ from keyroom.api.common import GROUP, VERSION
 from keyroom.api.signingpolicy import CERTIFICATE_FORMATS
 from keyroom.signer import audit, certificates, formats, hsm, keys
 from keyroom.signer.client import digests_fingerprint
-from keyroom.signer.formats import apk
+from keyroom.signer.formats import apk, cosign
 
 logger = logging.getLogger("keyroom.signer")
 
@@ -68,6 +68,19 @@ def public_key_document(der: bytes) -> dict[str, str]:
     return {"publicKey": pem, "fingerprint": "sha256:" + hashlib.sha256(der).hexdigest()}
 
 
+
+
+def _images(spec: Mapping) -> list[dict[str, str]]:
+    """What a cosign request signs, for the audit log: each image's repository, tag (if named) and digest."""
+    images = []
+    for item in spec["digests"]:
+        try:
+            repository, tag = cosign.split_reference(item["name"])
+        except formats.FormatError:
+            repository, tag = item["name"], None  # refused when the payload is built; audited as named
+        images.append({"reference": repository, **({"tag": tag} if tag else {}),
+                       "digest": "sha256:" + item["value"].lower()})
+    return images
 
 
 class Refused(Exception):
@@ -646,7 +659,8 @@ class RequestSigner:
             policies=list(decision.policies), key=key_info, reason=spec.get("reason", ""),
             digestAlgorithm=spec.get("digestAlgorithm", "SHA256"), format=fmt, certificate=certificate_info,
             digests=[{"name": d["name"], "value": d["value"].lower()} for d in spec["digests"]],
-            **({"apk": apk_info} if apk_info else {}))
+            **({"apk": apk_info} if apk_info else {}),
+            **({"images": _images(spec)} if fmt == "cosign" else {}))
         self._waiting.pop(uid, None)
         handle = hsm.KeyHandle(namespace=namespace, name=key_meta["name"], uid=key_meta["uid"],
                                version=decision.key_version)
@@ -661,8 +675,8 @@ class RequestSigner:
                 formats.build(fmt, digest=value, digest_algorithm=algorithm, embedded=embedded, manifest=manifest,
                               public_key_der=public_key_der, signing_time=signing_time,
                               sign=lambda d, a: token.sign(handle, digest=d, digest_algorithm=a),
-                              apk_signed_data=apk_signed_data)
-                for value in values])
+                              apk_signed_data=apk_signed_data, name=d["name"])
+                for d, value in zip(spec["digests"], values)])
         except formats.FormatError as error:
             await self._abandon(intent, f"the {fmt} signature could not be built: {error}")
             raise await self._refuse("FormatError", f"the {fmt} signature could not be built: {error}",

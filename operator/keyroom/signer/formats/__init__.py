@@ -19,12 +19,13 @@ class FormatError(ValueError):
 
 
 def build(fmt: str, *, digest: bytes, digest_algorithm: str, embedded, manifest: bytes | None,
-          public_key_der: bytes | None, signing_time, sign, apk_signed_data=None) -> bytes:
+          public_key_der: bytes | None, signing_time, sign, apk_signed_data=None, name: str = "") -> bytes:
     """The bytes a SignRequest's status carries for one digest in format ``fmt`` (base64-encoded there).
 
     raw: the signature over the digest; cms, authenticode: DER ContentInfo; jar: the signature block (.EC or
     .RSA) over the signature file derived from ``manifest``; sigstore: the bundle's JSON; apk: the APK Signing
-    Block over ``apk_signed_data``, ``[(scheme, signed data)]``. ``embedded`` is the
+    Block over ``apk_signed_data``, ``[(scheme, signed data)]``; cosign: the JSON of the simple-signing payload
+    the signer builds for the image ``name`` (the digest's name) and the signature over it. ``embedded`` is the
     certificate and chain the signer chose (:class:`keyroom.signer.certificates.Usable`) for the formats that
     embed one.
     """
@@ -39,6 +40,11 @@ def build(fmt: str, *, digest: bytes, digest_algorithm: str, embedded, manifest:
         document = sigstore.bundle(digest=digest, digest_algorithm=digest_algorithm, public_key_der=public_key_der,
                                    signature=sign(digest, digest_algorithm))
         return json.dumps(document, indent=2, sort_keys=True).encode() + b"\n"
+    if fmt == "cosign":
+        from keyroom.signer.formats import cosign
+
+        return json.dumps(cosign.document(reference=name, digest=digest, digest_algorithm=digest_algorithm,
+                                          public_key_der=public_key_der, sign=sign)).encode()
     if embedded is None:
         raise FormatError(f"format {fmt} needs a certificate")
     chain = [c.der for c in embedded.chain] or list(embedded.certificate.external_chain)
