@@ -144,7 +144,14 @@ def test_a_copied_or_tampered_signature_and_a_moved_tag_fail(cluster, registry, 
     signed_image = push(registry, tmp_path, "team/signed", "the signed image\n")
     other = push(registry, tmp_path, "team/other", "another image\n")
     moved = push(registry, tmp_path, "team/moved", "the content that was signed\n")
-    assert sign_with_approval(cluster, unique("img"), key, signed_image, moved).returncode == 0
+    request = unique("img")
+    assert sign_with_approval(cluster, request, key, signed_image, moved).returncode == 0
+    again = keyroom(cluster, "alice", "sign-image", signed_image, moved, "--key", key, "--name", request)
+    assert again.returncode == 0 and f"{request} exists and asks for exactly these images" in again.stderr
+    other_images = keyroom(cluster, "alice", "sign-image", other, "--key", key, "--name", request)
+    assert other_images.returncode == 1 and "asks for other images" in other_images.stderr
+    client = registry_client.Registry(registry.host)
+    assert len(registry_client.signature_layers(client, "team/signed", digest_of(signed_image))) == 1  # not twice
     trust = tmp_path / "trust"
     assert keyroom(cluster, "alice", "export", key, "--out", str(trust)).returncode == 0
     public_key = trust / f"{key}-v1.pub.pem"
@@ -161,7 +168,6 @@ def test_a_copied_or_tampered_signature_and_a_moved_tag_fail(cluster, registry, 
     assert ours.returncode == 3 and "the payload is for " + digest_of(signed_image) in ours.stdout
 
     # one byte of the signature changed in the registry
-    client = registry_client.Registry(registry.host)
     repository = "team/signed"
     manifest = json.loads(client.manifest(repository, signature_tag)[0])
     layer = manifest["layers"][0]

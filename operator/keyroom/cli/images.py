@@ -19,6 +19,7 @@ import hashlib
 import pathlib
 
 import click
+import kubernetes
 from cryptography.hazmat.primitives import serialization
 
 from keyroom.cli import offline, registry
@@ -76,6 +77,22 @@ def signed_payload(value: str, reference: registry.Reference, digest: str) -> tu
     return payload, signature
 
 
+def _create_or_resume(cluster, body: dict) -> dict:
+    """The new SignRequest; or, when --name names one that asks exactly for these images, that one (a retry)."""
+    try:
+        return cluster.custom.create_namespaced_custom_object(GROUP, VERSION, cluster.namespace, PLURAL, body)
+    except kubernetes.client.ApiException as error:
+        name = body["metadata"].get("name")
+        if error.status != 409 or not name:
+            raise
+    existing = cluster.get(name)
+    spec = existing.get("spec") or {}
+    if spec.get("format") != "cosign" or spec.get("digests") != body["spec"]["digests"]:
+        raise CliError(f"SignRequest {name} exists and asks for other images; choose another --name")
+    note(f"{name} exists and asks for exactly these images: following it")
+    return existing
+
+
 @click.command("sign-image", context_settings=CONTEXT)
 @click.argument("images", nargs=-1, required=True, metavar="REF...")
 @click.option("--key", required=True, help="the SigningKey of the namespace")
@@ -107,7 +124,7 @@ def sign_image(images, key, reason, name, attach, insecure, timeout, output, tar
     cluster = target.cluster
     body = sign_image_body(resolved, key=key, namespace=cluster.namespace, identity=cluster.whoami(),
                            reason=reason, name=name)
-    created = cluster.custom.create_namespaced_custom_object(GROUP, VERSION, cluster.namespace, PLURAL, body)
+    created = _create_or_resume(cluster, body)
     request = created["metadata"]["name"]
     if output == "text":
         print(request)
@@ -136,8 +153,8 @@ def sign_image(images, key, reason, name, attach, insecure, timeout, output, tar
                 registry.attach(registry.Registry(reference.registry, insecure=insecure), reference.repository,
                                 digest, payload=payload, signature=signature)
             except registry.RegistryError as error:
-                raise CliError(f"{reference}: signed by {request}, but attaching failed: {error}; run kubectl "
-                               f"keyroom sign-image again with --name {request} after fixing it") from None
+                raise CliError(f"{reference}: signed by {request}, but attaching failed: {error}; the same "
+                               f"command with --name {request} attaches the signatures again") from None
             entry["signatureTag"] = f"{reference.name}:{registry.signature_tag(digest)}"
         results.append(entry)
         if output == "text":
