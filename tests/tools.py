@@ -2,8 +2,10 @@
 
 ``tests/tools/go.mod`` (with its go.sum) pins cosign v2.6.5, the distribution
 registry v3.1.2 and go-containerregistry's crane; ``tests/tools/policy-controller/``
-pins Sigstore's policy-controller v0.13.1 for its ``policy-tester`` (its own
-module: it needs an older cosign). ``tools.go`` in each names the commands.
+pins Sigstore's policy-controller v0.13.1 for its ``policy-tester`` and
+``tests/tools/kyverno/`` Kyverno v1.19.1 for its command-line tool (each its own
+module: their dependencies differ from cosign's). ``tools.go`` in each names
+the commands.
 They are built with the Go toolchain through the module proxy into
 ``~/.cache/keyroom/bin/tools-<hash of go.mod and go.sum>/``, so a change of a
 pin builds afresh and an unchanged one is reused (cosign takes a few minutes
@@ -32,6 +34,7 @@ COMMANDS = {
     "registry": (MODULE, "github.com/distribution/distribution/v3/cmd/registry"),
     "crane": (MODULE, "github.com/google/go-containerregistry/cmd/crane"),
     "policy-tester": (MODULE / "policy-controller", "github.com/sigstore/policy-controller/cmd/tester"),
+    "kyverno": (MODULE / "kyverno", "github.com/kyverno/kyverno/cmd/cli/kubectl-kyverno"),
 }
 #: the admission controllers whose CRDs the admission guide's policies are checked against
 KYVERNO = ("github.com/kyverno/kyverno", "v1.19.1")
@@ -42,7 +45,7 @@ def _go() -> str:
     go = shutil.which("go") or "/usr/local/go/bin/go"
     if not pathlib.Path(go).exists():
         pytest.fail("the image-signature tests build their tools with Go (1.26): install Go, or point "
-                    "KEYROOM_TOOLS_BIN at a directory holding cosign, registry, crane and policy-tester")
+                    "KEYROOM_TOOLS_BIN at a directory holding cosign, registry, crane, policy-tester and kyverno")
     return go
 
 

@@ -1,15 +1,17 @@
-"""The admission policies of docs/guides/image-signatures.md, as written there, against the tools' own schemas.
+"""The admission policies of docs/guides/image-signatures.md, as written there, with the tools themselves.
 
 The guide's ClusterImagePolicy (Sigstore policy-controller) and ClusterPolicy
 (Kyverno) are taken from the guide itself, given a real exported key and the
 test registry, and sent to the real API server (dry run) after the CRDs those
 projects ship (from their pinned Go modules) are installed: the API server
-checks them against the schemas, with unknown fields refused. policy-controller's
-``policy-tester`` then evaluates the ClusterImagePolicy against an image signed
-through an approved SignRequest, and against an unsigned one.
+checks them against the schemas, with unknown fields refused. Then each tool
+evaluates its policy against an image signed through an approved
+SignRequest, an unsigned image, and the signed image with another key:
+policy-controller's ``policy-tester`` and ``kyverno apply --registry`` (the
+CLI runs Kyverno's own image verification engine against the registry).
 
 Not run here: the admission webhooks themselves (their controllers need a
-cluster with nodes) and Kyverno's own image verification.
+cluster with nodes).
 """
 from __future__ import annotations
 
@@ -104,3 +106,24 @@ def test_policy_controller_admits_the_signed_image_only_with_its_key(signed):
     wrong_key = tester(signed["image"], stranger)
     assert wrong_key.returncode != 0 and "signature key validation failed" in wrong_key.stdout, \
         wrong_key.stdout + wrong_key.stderr
+
+
+def test_kyverno_admits_a_pod_of_the_signed_image_only_with_its_key(signed):
+    def apply_policy(image: str, public_key: str) -> subprocess.CompletedProcess:
+        policy, pod = signed["work"] / "kyverno-policy.yaml", signed["work"] / "pod.yaml"
+        policy.write_text(guide_policy("kyverno", public_key=public_key, repository=signed["repository"]))
+        pod.write_text(yaml.safe_dump({"apiVersion": "v1", "kind": "Pod",
+                                       "metadata": {"name": "app", "namespace": "default"},
+                                       "spec": {"containers": [{"name": "app", "image": image}]}}))
+        return tools.run("kyverno", "apply", policy, "--resource", pod, "--registry", timeout=300)
+    admitted = apply_policy(signed["image"], signed["public_key"])
+    assert admitted.returncode == 0, admitted.stdout + admitted.stderr
+    assert re.search(r"pass: [1-9]\d*, fail: 0, warn: 0, error: 0", admitted.stdout), admitted.stdout
+    unsigned = apply_policy(signed["unsigned"], signed["public_key"])
+    assert unsigned.returncode == 1 and "pass: 0" in unsigned.stdout, unsigned.stdout + unsigned.stderr
+    assert "no signatures found" in unsigned.stdout
+    stranger = ec.generate_private_key(ec.SECP256R1()).public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode()
+    wrong_key = apply_policy(signed["image"], stranger)
+    assert wrong_key.returncode == 1 and "pass: 0" in wrong_key.stdout, wrong_key.stdout + wrong_key.stderr
+    assert f"failed to verify image {signed['image']}" in wrong_key.stdout
