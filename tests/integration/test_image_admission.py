@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from tests import tools
 from tests.conftest import kubectl, wait_for
-from tests.integration.test_cli import NAMESPACE, keyroom
+from tests.integration.test_cli import keyroom
 from tests.integration.test_images import push, registry, sign_with_approval, signing_key  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.integration
