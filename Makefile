@@ -34,13 +34,18 @@ venv: $(VENV)/.installed
 binaries: venv
 	$(PY) -m keyroom.devenv binaries
 
-test: venv binaries
+test: venv binaries test-tools
 	$(PY) -m pytest -ra tests
+
+# The Go tools the tests run (cosign, a registry, crane, policy-controller's tester, Kyverno's CLI, kstatus, helm),
+# built from their pinned modules into the cache before pytest starts (a first build takes many minutes).
+test-tools: venv
+	$(PY) -m tests.tools
 
 unit: venv
 	$(PY) -m pytest -ra tests/unit
 
-integration: venv binaries
+integration: venv binaries test-tools
 	$(PY) -m pytest -ra tests/integration
 
 images: venv

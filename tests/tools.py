@@ -130,3 +130,22 @@ http:
         except subprocess.TimeoutExpired:
             self.process.kill()
         self._log.close()
+
+
+def main() -> int:
+    """Build every Go tool the tests run (``make test-tools``), before pytest and its per-test timeouts."""
+    from keyroom.devenv import helm
+    from tests import gitops
+
+    for name, started in ((name, time.monotonic()) for name in COMMANDS):
+        path = binary(name)
+        print(f"{name}: {path} ({time.monotonic() - started:.0f}s)", flush=True)
+    started = time.monotonic()
+    print(f"kstatus: {gitops.kstatus_binary()} ({time.monotonic() - started:.0f}s)", flush=True)
+    started = time.monotonic()
+    print(f"helm: {helm.ensure(log=print)} ({time.monotonic() - started:.0f}s)", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
