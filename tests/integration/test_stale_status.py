@@ -57,13 +57,18 @@ def _unwritten(cluster, kind: str, name: str, version: str) -> dict:
     return current["status"]
 
 
-def test_a_key_status_from_a_stale_body_without_versions_is_refused(cluster, unique, as_operator):
+def _ready_key_then_touched(cluster, unique) -> tuple[str, dict, str]:
+    """A Ready SigningKey (name, the body as it was then) and the resourceVersion of a newer version of it."""
     name = unique("key")
     assert apply(cluster, {"apiVersion": "keyroom.dev/v1alpha1", "kind": "SigningKey",
                            "metadata": {"name": name, "namespace": NAMESPACE},
                            "spec": {"algorithm": "ECDSA_P256"}}).returncode == 0
     shown = _ready(cluster, "signingkey", name)
-    version = _touch(cluster, "signingkey", name)
+    return name, shown, _touch(cluster, "signingkey", name)
+
+
+def test_a_key_status_from_a_stale_body_without_versions_is_refused(cluster, unique, as_operator):
+    name, shown, version = _ready_key_then_touched(cluster, unique)
     stale = {**shown, "status": {}}  # the view from before the signer's record was written
     # no signer reachable: the stale view would be written as a key without versions, not ready
     due = asyncio.run(signingkey.reconcile(body=stale, signer=None, at=NOW, logger=logging.getLogger("test")))
@@ -73,12 +78,7 @@ def test_a_key_status_from_a_stale_body_without_versions_is_refused(cluster, uni
 
 
 def test_a_first_status_from_a_stale_body_is_refused(cluster, unique, as_operator):
-    name = unique("key")
-    assert apply(cluster, {"apiVersion": "keyroom.dev/v1alpha1", "kind": "SigningKey",
-                           "metadata": {"name": name, "namespace": NAMESPACE},
-                           "spec": {"algorithm": "ECDSA_P256"}}).returncode == 0
-    shown = _ready(cluster, "signingkey", name)
-    version = _touch(cluster, "signingkey", name)
+    name, shown, version = _ready_key_then_touched(cluster, unique)
     asyncio.run(daemon.write_first_status(plural="signingkeys", body={**shown, "status": {}}, message="stale"))
     after = _unwritten(cluster, "signingkey", name, version)
     assert _is_ready(after) and after["versions"] == shown["status"]["versions"]
