@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Mapping
 
 import kopf
 
@@ -20,13 +21,26 @@ async def sleep(stopped: kopf.DaemonStopped, wakeup: asyncio.Event, seconds: flo
 
 
 async def write_first_status(*, plural: str, body: kopf.Body, message: str) -> None:
-    """Mark an object as being reconciled before anything else happens to it (see conditions.first_status)."""
-    if conditions.needs_first_status(body.get("status")):
-        meta = body["metadata"]
+    """Mark an object as being reconciled before anything else happens to it (see conditions.first_status).
+
+    The write is conditional on the resourceVersion it was decided on: a body
+    without status may be stale, and a newer version's status must not be
+    overwritten. When the object changed meanwhile (Kopf's own finalizer or
+    annotations, say), it is read again and the first status written only if
+    it still has none.
+    """
+    current: Mapping = body
+    for _ in range(5):
+        if not conditions.needs_first_status(current.get("status")):
+            return
+        meta = current["metadata"]
         try:
-            # conditional: a body without status may be stale, and a newer version's status must not be overwritten
             await kube.patch_status(plural=plural, namespace=meta["namespace"], name=meta["name"],
                                     status=conditions.first_status(generation=meta["generation"], message=message),
                                     resource_version=meta.get("resourceVersion"))
+            return
         except kube.Conflict:
-            pass
+            fresh = await kube.get(plural=plural, namespace=meta["namespace"], name=meta["name"])
+            if fresh is None:
+                return
+            current = fresh
