@@ -51,9 +51,9 @@ def _certificate(cluster, name: str, key: str) -> bytes:
     return crypto_x509.load_pem_x509_certificate(pem.encode()).public_bytes(serialization.Encoding.DER)
 
 
-def _apk_key(cluster, unique, what: str) -> tuple[str, str, bytes]:
+def _apk_key(cluster, unique, what: str, algorithm: str = "ECDSA_P256") -> tuple[str, str, bytes]:
     key = make_key(cluster, unique(what), requesters={"groups": ["team-a-devs"]},
-                   approvers={"groups": ["team-a-approvers"]}, required=2)
+                   approvers={"groups": ["team-a-approvers"]}, required=2, algorithm=algorithm)
     certificate = unique(f"{what}-cert")
     return key, certificate, _certificate(cluster, certificate, key)
 

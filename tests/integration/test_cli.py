@@ -25,11 +25,12 @@ def keyroom(cluster, identity: str, *args: str, wait: bool = True):
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def make_key(cluster, name: str, *, requesters: dict, approvers: dict, required: int = 1) -> str:
+def make_key(cluster, name: str, *, requesters: dict, approvers: dict, required: int = 1,
+             algorithm: str = "ECDSA_P256") -> str:
     """A SigningKey and a policy for it; returns once the key is Active."""
     assert apply(cluster, {"apiVersion": "keyroom.dev/v1alpha1", "kind": "SigningKey",
                            "metadata": {"name": name, "namespace": NAMESPACE},
-                           "spec": {"algorithm": "ECDSA_P256"}}).returncode == 0
+                           "spec": {"algorithm": algorithm}}).returncode == 0
     assert apply(cluster, {"apiVersion": "keyroom.dev/v1alpha1", "kind": "SigningPolicy",
                            "metadata": {"name": name, "namespace": NAMESPACE},
                            "spec": {"keys": [name], "requesters": requesters, "approvers": approvers,

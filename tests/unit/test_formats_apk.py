@@ -33,7 +33,7 @@ UTC = datetime.timezone.utc
 NOW = datetime.datetime.now(UTC).replace(microsecond=0)
 #: key algorithm -> (APK signature algorithm, content digest algorithm)
 ALGORITHMS = {"ECDSA_P256": (apk.ECDSA_SHA256, "SHA256"), "ECDSA_P384": (apk.ECDSA_SHA512, "SHA512"),
-              "RSA_3072": (apk.RSA_PKCS1_SHA256, "SHA256")}
+              "RSA_3072": (apk.RSA_PKCS1_SHA256, "SHA256"), "RSA_4096": (apk.RSA_PKCS1_SHA512, "SHA512")}
 
 
 @pytest.fixture(scope="module")

@@ -121,8 +121,8 @@ def signed_apk(data: bytes, block: bytes, path="the APK", *, replace_signature: 
         for scheme, raw in found.items():
             parsed = apk_format.parse_signed_data(scheme, raw)
             for identifier, value in parsed.digests:
-                hash_name = "SHA512" if identifier == apk_format.ECDSA_SHA512.id else "SHA256"
-                if value != apk_format.content_digest(parts.digested(), hash_name):
+                known = apk_format.ALGORITHMS.get(identifier)
+                if known is None or value != apk_format.content_digest(parts.digested(), known.digest_algorithm):
                     raise ApkError(f"{path} changed since its request was made: the signature is for other "
                                    f"content; sign it again")
     except FormatError as error:
@@ -149,3 +149,84 @@ def write_signed(source, out_path, block: bytes, *, overwrite: bool = False) -> 
         os.replace(temporary, out_path)
     finally:
         temporary.unlink(missing_ok=True)
+
+
+#: what apksigner hands a JCA provider for a v1 (JAR) signature: the signature file's text
+_V1_SIGNATURE_FILE = b"Signature-Version:"
+#: the v3 signer's minimum SDK apksig (31.0.2) writes without key rotation, whatever --min-sdk-version says
+APKSIG_V3_MIN_SDK = 24
+
+
+def apksigner_blocks(data: bytes, *, certificate_der: bytes, min_sdk: int = APKSIG_V3_MIN_SDK,
+                     max_sdk: int = apk_format.V3_MAX_SDK) -> tuple[str, bytes, list[tuple[str, bytes]]]:
+    """(digest algorithm, content digest, [(scheme, signed data)]): what one request signs when apksigner,
+    through keyroom's provider, asks to sign ``data``.
+
+    apksigner signs v2 first, then v3, one ``Signature.sign()`` each. When the
+    v2 signed data says a v3 signature follows, the v3 signed data is built
+    here as apksig builds it (the same digest and certificate, the SDK range
+    ``min_sdk``..``max_sdk``), so that one request with its approvals covers
+    both; the provider answers the v3 call from that request. Should apksigner
+    build other v3 signed data, the provider's v3 call finds no signature and
+    asks again with that block alone.
+    ``data`` must be exactly v2 or v3 signed data keyroom signs, over exactly
+    ``certificate_der``; anything else (a v1 signature file, v4, key rotation)
+    is an ApkError naming the apksigner option that avoids it.
+    """
+    if data.startswith(_V1_SIGNATURE_FILE):
+        raise ApkError("apksigner asks to sign a v1 (JAR) signature file; keyroom signs APKs with v2 and v3 only: "
+                       "add --v1-signing-enabled false (Android 7, SDK 24, and later read v2)")
+    try:
+        algorithm = apk_format.algorithm_for(apk_format.certificate_public_key(certificate_der))
+    except FormatError as error:
+        raise ApkError(str(error)) from None
+    found = None
+    for scheme in ("v2", "v3"):
+        try:
+            parsed = apk_format.parse_signed_data(scheme, data)
+        except FormatError:
+            continue
+        if len(parsed.digests) != 1:
+            continue
+        identifier, digest = parsed.digests[0]
+        if identifier not in apk_format.ALGORITHMS:
+            continue
+        rebuilt = apk_format.signed_data(scheme, digest=digest, algorithm=apk_format.ALGORITHMS[identifier],
+                                         certificate_der=parsed.certificates[0] if parsed.certificates else b"",
+                                         min_sdk=parsed.min_sdk or 0, max_sdk=parsed.max_sdk or 0,
+                                         also_v3=bool(parsed.attributes), padded=parsed.padded)
+        if rebuilt == data and len(parsed.certificates) == 1:
+            found = parsed
+            break
+    if found is None:
+        raise ApkError("apksigner asks to sign data that is no v2 or v3 signed data keyroom signs (one signer, one "
+                       "certificate, no key rotation): add --v4-signing-enabled false, and sign without --lineage "
+                       "or --next-signer")
+    identifier, digest = found.digests[0]
+    if found.certificates[0] != bytes(certificate_der):
+        raise ApkError("apksigner's signed data carries another certificate than the Certificate's current one")
+    if identifier != algorithm.id:
+        raise ApkError(f"apksigner chose signature algorithm 0x{identifier:04x}; keyroom signs this key's APKs with "
+                       f"{algorithm.jca} (0x{algorithm.id:04x})")
+    blocks = [(found.scheme, found.raw)]
+    if found.scheme == "v2" and found.attributes:
+        blocks.append(("v3", apk_format.signed_data("v3", digest=digest, algorithm=algorithm,
+                                                    certificate_der=certificate_der, min_sdk=min_sdk,
+                                                    max_sdk=max_sdk)))
+    return algorithm.digest_algorithm, digest, blocks
+
+
+def signatures_by_data(block: bytes) -> dict[str, bytes]:
+    """{sha256 hex of a signer's signed data: its signature} for each scheme of an APK Signing Block."""
+    import hashlib
+
+    found = {}
+    try:
+        for scheme, identifier in apk_format.SCHEME_IDS.items():
+            value = apk_format.parse_block(block).get(identifier)
+            for signer in apk_format.signers(scheme, value) if value is not None else []:
+                if len(signer.signatures) == 1:
+                    found[hashlib.sha256(signer.signed_data.raw).hexdigest()] = signer.signatures[0][1]
+    except FormatError as error:
+        raise ApkError(f"the signer's answer is no valid APK Signing Block: {error}") from None
+    return found

@@ -421,6 +421,7 @@ def cli() -> None:
     Approvers:   pending, approve, deny
     Builders:    attest
     Images:      sign-image, verify-image  (container images, as cosign signs them)
+    Android:     apksigner  (apksigner's own signing, with keyroom's provider jar)
     Verifiers:   export, verify  (verify needs no cluster)
     Admins:      keys, rotate, audit show, audit verify, access, report
     Anyone:      completion
@@ -919,10 +920,10 @@ def completion(shell) -> int:
 
 
 def _register() -> None:
-    from keyroom.cli import admin, images, offline
+    from keyroom.cli import admin, apksigner, images, offline
 
-    for command in (offline.export, offline.verify, images.sign_image, images.verify_image, admin.keys, admin.access,
-                    admin.audit, admin.report):
+    for command in (offline.export, offline.verify, images.sign_image, images.verify_image, apksigner.apksigner,
+                    admin.keys, admin.access, admin.audit, admin.report):
         cli.add_command(command)
 
 

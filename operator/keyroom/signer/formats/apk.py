@@ -28,7 +28,8 @@ Layout (all integers little-endian; "prefixed" means a uint32 length first):
 
 - v2 signed data: prefixed digests (each prefixed: uint32 algorithm, prefixed
   digest), prefixed certificates (each prefixed DER), prefixed attributes
-  (each prefixed: uint32 id, value);
+  (each prefixed: uint32 id, value); apksig adds an empty prefixed element
+  (four zero bytes), accepted as the only thing after the attributes;
 - v3 signed data: the same, with uint32 minSdk and maxSdk before the attributes;
 - a signer: prefixed signed data, (v3: uint32 minSdk, maxSdk,) prefixed
   signatures (each prefixed: uint32 algorithm, prefixed signature), prefixed
@@ -58,6 +59,8 @@ STRIPPING_PROTECTION_ID = 0xBEEFF00D
 #: SDK range of a v3 signer: Android 9 (the first to read v3) onward
 V3_MIN_SDK, V3_MAX_SDK = 28, 0x7FFFFFFF
 CHUNK_SIZE = 1 << 20
+#: apksig (apksigner) ends v2 signed data with one more, empty, length-prefixed element; verifiers ignore it
+APKSIG_V2_PADDING = bytes(4)
 #: the longest signed data accepted: one digest, one certificate, one attribute (a certificate is well under 8 KiB)
 MAX_SIGNED_DATA = 16384
 
@@ -74,12 +77,13 @@ class Algorithm:
 ECDSA_SHA256 = Algorithm(0x0201, "SHA256", "SHA256withECDSA")
 ECDSA_SHA512 = Algorithm(0x0202, "SHA512", "SHA512withECDSA")
 RSA_PKCS1_SHA256 = Algorithm(0x0103, "SHA256", "SHA256withRSA")
-ALGORITHMS = {a.id: a for a in (ECDSA_SHA256, ECDSA_SHA512, RSA_PKCS1_SHA256)}
+RSA_PKCS1_SHA512 = Algorithm(0x0104, "SHA512", "SHA512withRSA")
+ALGORITHMS = {a.id: a for a in (ECDSA_SHA256, ECDSA_SHA512, RSA_PKCS1_SHA256, RSA_PKCS1_SHA512)}
 _HASHES = {"SHA256": (hashlib.sha256, hashes.SHA256), "SHA512": (hashlib.sha512, hashes.SHA512)}
 
 
 def algorithm_for(public_key_der: bytes) -> Algorithm:
-    """The algorithm apksigner picks for this key: ECDSA with SHA-256 up to P-256, SHA-512 above; RSA PKCS#1 SHA-256."""
+    """The algorithm apksigner picks for this key: SHA-256 up to P-256 and RSA 3072, SHA-512 above (apksig's rule)."""
     try:
         key = serialization.load_der_public_key(bytes(public_key_der))
     except ValueError as error:
@@ -87,7 +91,7 @@ def algorithm_for(public_key_der: bytes) -> Algorithm:
     if isinstance(key, ec.EllipticCurvePublicKey):
         return ECDSA_SHA256 if key.curve.key_size <= 256 else ECDSA_SHA512
     if isinstance(key, rsa.RSAPublicKey):
-        return RSA_PKCS1_SHA256
+        return RSA_PKCS1_SHA256 if key.key_size <= 3072 else RSA_PKCS1_SHA512
     raise FormatError(f"an APK is signed with an EC or RSA key, not {type(key).__name__}")
 
 
@@ -134,16 +138,18 @@ def _sequence(items: Iterable[bytes]) -> bytes:
 
 
 def signed_data(scheme: str, *, digest: bytes, algorithm: Algorithm, certificate_der: bytes,
-                min_sdk: int = V3_MIN_SDK, max_sdk: int = V3_MAX_SDK, also_v3: bool = False) -> bytes:
+                min_sdk: int = V3_MIN_SDK, max_sdk: int = V3_MAX_SDK, also_v3: bool = False,
+                padded: bool = False) -> bytes:
     """The ``scheme`` (v2 or v3) signed data over the content ``digest`` with one certificate.
 
-    ``also_v3`` (v2 only) adds the attribute that tells a verifier a v3 block must be present too.
+    ``also_v3`` (v2 only) adds the attribute that tells a verifier a v3 block
+    must be present too; ``padded`` (v2 only) the empty element apksig appends.
     """
     digests = _sequence([struct.pack("<I", algorithm.id) + _prefixed(digest)])
     certificates = _sequence([bytes(certificate_der)])
     if scheme == "v2":
         attributes = [struct.pack("<II", STRIPPING_PROTECTION_ID, 3)] if also_v3 else []
-        return digests + certificates + _sequence(attributes)
+        return digests + certificates + _sequence(attributes) + (APKSIG_V2_PADDING if padded else b"")
     if scheme == "v3":
         return digests + certificates + struct.pack("<II", min_sdk, max_sdk) + _sequence([])
     raise FormatError(f"unknown APK signature scheme {scheme!r}; v2 or v3")
@@ -196,6 +202,8 @@ class SignedData:
     attributes: tuple[tuple[int, bytes], ...]
     min_sdk: int | None = None
     max_sdk: int | None = None
+    #: v2 only: ends with the empty element apksig appends (:data:`APKSIG_V2_PADDING`)
+    padded: bool = False
 
 
 def parse_signed_data(scheme: str, data: bytes) -> SignedData:
@@ -220,9 +228,12 @@ def parse_signed_data(scheme: str, data: bytes) -> SignedData:
     for item in reader.sequence("attributes"):
         entry = _Reader(item, f"a {scheme} attribute")
         attributes.append((entry.uint32(), entry.data[entry.position:]))
+    padded = scheme == "v2" and reader.data[reader.position:] == APKSIG_V2_PADDING
+    if padded:
+        reader.position += len(APKSIG_V2_PADDING)
     reader.end()
     return SignedData(scheme=scheme, raw=bytes(data), digests=tuple(digests), certificates=certificates,
-                      attributes=tuple(attributes), min_sdk=min_sdk, max_sdk=max_sdk)
+                      attributes=tuple(attributes), min_sdk=min_sdk, max_sdk=max_sdk, padded=padded)
 
 
 def check(blocks: Sequence[tuple[str, bytes]], *, digest: bytes, digest_algorithm: str,
