@@ -98,7 +98,7 @@ def sign_with_approval(cluster, request: str, key: str, *references: str) -> sub
     return subprocess.CompletedProcess(running.args, running.returncode, stdout, stderr)
 
 
-@pytest.mark.parametrize("algorithm", ["ECDSA_P256", "RSA_3072"])
+@pytest.mark.parametrize("algorithm", ["ECDSA_P256", "RSA_3072", "ECDSA_P384", "RSA_4096"])
 def test_cosign_verifies_images_signed_through_an_approved_request(cluster, registry, unique, tmp_path, algorithm):
     key = signing_key(cluster, unique(f"img-{algorithm.lower().replace('_', '-')}"), algorithm)
     first = push(registry, tmp_path, f"team/app-{algorithm.lower()}", f"app built with {algorithm}\n")
