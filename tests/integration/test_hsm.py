@@ -231,6 +231,73 @@ def test_destroy(token):
     assert token.destroy(handle) is True
 
 
+def _verifies(public_der: bytes, signature: bytes, digest: bytes) -> bool:
+    from cryptography.exceptions import InvalidSignature
+    try:
+        serialization.load_der_public_key(public_der).verify(signature, digest,
+                                                             ec.ECDSA(utils.Prehashed(hashes.SHA256())))
+        return True
+    except InvalidSignature:
+        return False
+
+
+def test_an_indexed_handle_naming_another_key_is_never_signed_with(token):
+    """A handle freed by a deletion elsewhere and reused for another key must not sign for the first one."""
+    mine, theirs = _handle("index-mine"), _handle("index-theirs")
+    mine_der = token.generate(mine, algorithm="ECDSA_P256")
+    theirs_der = token.generate(theirs, algorithm="ECDSA_P256")
+    digest = hashlib.sha256(b"index").digest()
+    try:
+        with token._index_lock:  # the index now says mine's private key has theirs' handle
+            token._index[mine.object_id] = token._index[theirs.object_id]
+        signature = token.sign(mine, digest=digest, digest_algorithm="SHA256")
+        assert _verifies(mine_der, signature, digest) and not _verifies(theirs_der, signature, digest)
+        assert token._index[mine.object_id] != token._index[theirs.object_id]  # searched again, and mended
+        with token._index_lock:  # a handle no object has any more: searched again too
+            token._index[mine.object_id] = (0x7FFFFFF0, True)
+        assert _verifies(mine_der, token.sign(mine, digest=digest, digest_algorithm="SHA256"), digest)
+    finally:
+        token.destroy(mine)
+        token.destroy(theirs)
+
+
+def test_a_token_opened_again_signs_without_searching_per_key(softhsm_token, token, monkeypatch):
+    handles = [_handle(f"indexed-{n}") for n in range(3)]
+    publics = [token.generate(handle, algorithm="ECDSA_P256") for handle in handles]
+    digest = hashlib.sha256(b"indexed").digest()
+    try:
+        again = hsm.Token(module_path=softhsm_token.module_path, token_label=TOKEN_LABEL, pin=PIN, sessions=2)
+        again.open()  # one listing of the private keys at open ...
+        searched = []
+        monkeypatch.setattr(hsm.Token, "_find", staticmethod(lambda *args: searched.append(args) or []))
+        try:
+            for handle, public in zip(handles, publics):  # ... and no search per key afterwards
+                assert _verifies(public, again.sign(handle, digest=digest, digest_algorithm="SHA256"), digest)
+            assert searched == []
+        finally:
+            again.close()  # the process was logged in already: closing it does not log out
+    finally:
+        monkeypatch.undo()
+        for handle in handles:
+            token.destroy(handle)
+
+
+def test_a_key_destroyed_by_another_token_object_is_not_found(softhsm_token, token):
+    handle = _handle("destroyed-elsewhere")
+    token.generate(handle, algorithm="ECDSA_P256")
+    digest = hashlib.sha256(b"elsewhere").digest()
+    token.sign(handle, digest=digest, digest_algorithm="SHA256")  # indexed in ``token``
+    other = hsm.Token(module_path=softhsm_token.module_path, token_label=TOKEN_LABEL, pin=PIN, sessions=1)
+    other.open()
+    try:
+        assert other.destroy(handle) is True
+    finally:
+        other.close()
+    with pytest.raises(hsm.HSMError) as error:
+        token.sign(handle, digest=digest, digest_algorithm="SHA256")
+    assert error.value.reason == "KeyNotFound"
+
+
 # --------------------------------------------------------------------------- opening
 
 

@@ -42,10 +42,17 @@ Sessions
     that cannot lock, or that other code in the process initialised first,
     gets a pool of one session. Open one Token per token per process.
 
-    Object handles of token objects are valid in every session, but
-    python-pkcs11 binds an object to the session it was found in, so each
-    session caches the private keys it has looked up (by ``CKA_ID``);
-    :meth:`Token.destroy` empties every cache. A session that broke, or a
+    A token finds objects by scanning them (SoftHSM2 reads every object file
+    per search), so searching per signature would cost more with every key
+    it holds. Object handles of token objects belong to the application and
+    are valid in every session, so :meth:`Token.open` lists the private keys
+    once and indexes their handles by ``CKA_ID``; :meth:`Token.generate` and
+    :meth:`Token.destroy` keep the index current, and a key it misses is
+    searched for once. python-pkcs11 binds an object to the session it was
+    found in, so signing calls ``C_SignInit``/``C_Sign`` through the
+    function list with the indexed handle, after reading the handle's
+    ``CKA_ID`` back: a handle that names another object now (freed and
+    reused after a deletion elsewhere) is never signed with. A session that broke, or a
     login that was lost (an HSM restart), is reported as a retryable
     DeviceError, never as a missing key, and the session is replaced (logging
     in again) when it is given back.
@@ -255,7 +262,44 @@ class _SessionInfo(ctypes.Structure):
 _FUNCTIONS = ("C_Initialize", "C_Finalize", "C_GetInfo", "C_GetFunctionList", "C_GetSlotList", "C_GetSlotInfo",
               "C_GetTokenInfo", "C_GetMechanismList", "C_GetMechanismInfo", "C_InitToken", "C_InitPIN", "C_SetPIN",
               "C_OpenSession", "C_CloseSession", "C_CloseAllSessions", "C_GetSessionInfo", "C_GetOperationState",
-              "C_SetOperationState", "C_Login", "C_Logout")
+              "C_SetOperationState", "C_Login", "C_Logout", "C_CreateObject", "C_CopyObject", "C_DestroyObject",
+              "C_GetObjectSize", "C_GetAttributeValue", "C_SetAttributeValue", "C_FindObjectsInit", "C_FindObjects",
+              "C_FindObjectsFinal", "C_EncryptInit", "C_Encrypt", "C_EncryptUpdate", "C_EncryptFinal",
+              "C_DecryptInit", "C_Decrypt", "C_DecryptUpdate", "C_DecryptFinal", "C_DigestInit", "C_Digest",
+              "C_DigestUpdate", "C_DigestKey", "C_DigestFinal", "C_SignInit", "C_Sign")
+
+
+class _Attribute(ctypes.Structure):
+    _fields_ = [("type", _CK_ULONG), ("pValue", ctypes.c_void_p), ("ulValueLen", _CK_ULONG)]
+
+
+class _Mechanism(ctypes.Structure):
+    _fields_ = [("mechanism", _CK_ULONG), ("pParameter", ctypes.c_void_p), ("ulParameterLen", _CK_ULONG)]
+
+
+class _PssParams(ctypes.Structure):
+    _fields_ = [("hashAlg", _CK_ULONG), ("mgf", _CK_ULONG), ("sLen", _CK_ULONG)]
+
+
+_CKR_BUFFER_TOO_SMALL = 0x150
+_CKA_CLASS, _CKA_ID = 0x0, 0x102
+_CKO_PRIVATE_KEY = 0x3
+# The python-pkcs11 exception for the return values of C_GetAttributeValue, C_SignInit and C_Sign that
+# Token._failure tells apart; any other value becomes a plain PKCS11Error (a DeviceError).
+_CKR_ERRORS: dict[int, type[p11.PKCS11Error]] = {
+    0x02: p11.HostMemory, 0x05: p11.GeneralError, 0x06: p11.FunctionFailed, 0x07: p11.ArgumentsBad,
+    0x11: p11.AttributeSensitive, 0x12: p11.AttributeTypeInvalid, 0x20: p11.DataInvalid, 0x21: p11.DataLenRange,
+    0x30: p11.DeviceError, 0x31: p11.DeviceMemory, 0x32: p11.DeviceRemoved, 0x54: p11.FunctionNotSupported,
+    0x60: p11.KeyHandleInvalid, 0x62: p11.KeySizeRange, 0x63: p11.KeyTypeInconsistent, 0x70: p11.MechanismInvalid,
+    0x71: p11.MechanismParamInvalid, 0x82: p11.ObjectHandleInvalid, 0x90: p11.OperationActive,
+    0x91: p11.OperationNotInitialized, 0xB0: p11.SessionClosed, 0xB3: p11.SessionHandleInvalid,
+    0xE0: p11.TokenNotPresent, 0x101: p11.UserNotLoggedIn,
+}
+
+
+def _error(rv: int, function: str) -> p11.PKCS11Error:
+    known = _CKR_ERRORS.get(rv)
+    return known() if known is not None else p11.PKCS11Error(f"{function} returned CKR 0x{rv:x}")
 
 
 class _FunctionList(ctypes.Structure):
@@ -282,6 +326,44 @@ class _Module:
         self.logout = ctypes.CFUNCTYPE(_CK_RV, _CK_ULONG)(functions.C_Logout)
         self.get_session_info = ctypes.CFUNCTYPE(_CK_RV, _CK_ULONG, ctypes.POINTER(_SessionInfo))(
             functions.C_GetSessionInfo)
+        self.get_attribute_value = ctypes.CFUNCTYPE(_CK_RV, _CK_ULONG, _CK_ULONG, ctypes.POINTER(_Attribute),
+                                                    _CK_ULONG)(functions.C_GetAttributeValue)
+        self.sign_init = ctypes.CFUNCTYPE(_CK_RV, _CK_ULONG, ctypes.POINTER(_Mechanism), _CK_ULONG)(
+            functions.C_SignInit)
+        self.sign_call = ctypes.CFUNCTYPE(_CK_RV, _CK_ULONG, ctypes.c_char_p, _CK_ULONG, ctypes.c_void_p,
+                                          ctypes.POINTER(_CK_ULONG))(functions.C_Sign)
+
+    def private_key_id(self, session_handle: int, object_handle: int) -> bytes | None:
+        """The CKA_ID of ``object_handle`` if it is a private key; None for another class. Raises PKCS11Error."""
+        object_class = _CK_ULONG()
+        identifier = ctypes.create_string_buffer(64)
+        template = (_Attribute * 2)(_Attribute(_CKA_CLASS, ctypes.cast(ctypes.byref(object_class), ctypes.c_void_p),
+                                               ctypes.sizeof(object_class)),
+                                    _Attribute(_CKA_ID, ctypes.cast(identifier, ctypes.c_void_p), len(identifier)))
+        rv = self.get_attribute_value(session_handle, object_handle, template, 2)
+        if rv != _CKR_OK:
+            raise _error(rv, "C_GetAttributeValue")
+        if object_class.value != _CKO_PRIVATE_KEY:
+            return None
+        return identifier.raw[:template[1].ulValueLen]
+
+    def sign(self, session_handle: int, key_handle: int, mechanism: int, data: bytes,
+             parameter: ctypes.Structure | None = None) -> bytes:
+        """C_SignInit and C_Sign with the object ``key_handle`` in the session; raises PKCS11Error."""
+        described = _Mechanism(mechanism, ctypes.cast(ctypes.byref(parameter), ctypes.c_void_p) if parameter else None,
+                               ctypes.sizeof(parameter) if parameter else 0)
+        rv = self.sign_init(session_handle, ctypes.byref(described), key_handle)
+        if rv != _CKR_OK:
+            raise _error(rv, "C_SignInit")
+        length = _CK_ULONG(1024)  # RSA-4096 makes 512 bytes, ECDSA P-384 96
+        output = ctypes.create_string_buffer(length.value)
+        rv = self.sign_call(session_handle, data, len(data), output, ctypes.byref(length))
+        if rv == _CKR_BUFFER_TOO_SMALL:  # the operation stays active: call again with room for it
+            output = ctypes.create_string_buffer(length.value)
+            rv = self.sign_call(session_handle, data, len(data), output, ctypes.byref(length))
+        if rv != _CKR_OK:
+            raise _error(rv, "C_Sign")
+        return output.raw[:length.value]
 
     def reinitialize_for_threads(self) -> bool:
         """Re-initialise with CKF_OS_LOCKING_OK; False if the module cannot lock (then it is single-threaded again).
@@ -352,15 +434,14 @@ def _load_module(path: str) -> tuple[Any, _Module, bool]:
 
 
 class _Pooled:
-    """A session of the pool and the private keys found through it (python-pkcs11 binds objects to a session)."""
+    """A session of the pool, and whether it broke (then it is replaced when given back)."""
 
-    __slots__ = ("session", "keys", "epoch", "broken")
+    __slots__ = ("session", "broken", "audit_key")
 
     def __init__(self, session: Any) -> None:
         self.session = session
-        self.keys: dict[bytes, tuple[Any, bool]] = {}  # CKA_ID -> (private key object, is EC)
-        self.epoch = -1
         self.broken = False
+        self.audit_key: Any = None  # the audit MAC key's object, found through this session
 
 
 # Errors after which a session is not worth keeping: it is replaced when given back.
@@ -397,7 +478,10 @@ class Token:
         self._token: Any = None
         self._module: _Module | None = None
         self._logged_in_here = False
-        self._epoch = 0  # bumped by destroy: cached key objects may be stale
+        # CKA_ID -> (private key object handle, is EC); None where several private keys carry the ID.
+        # Object handles are the application's, valid in every session; an entry is checked before use.
+        self._index: dict[bytes, tuple[int, bool] | None] = {}
+        self._index_lock = threading.Lock()
 
     def __repr__(self) -> str:
         state = f"open, {self._size} sessions" if self._pool is not None else "closed"
@@ -451,6 +535,7 @@ class Token:
             for session in opened:
                 pool.put(_Pooled(session))
             self._token, self._module, self._size = token, module, size
+            self._index = self._read_index(opened[0])
             self._pool = pool
 
     def _login(self, module: _Module, session_handle: int) -> bool:
@@ -521,7 +606,6 @@ class Token:
         """
         token, module = self._token, self._module
         self._close_sessions([pooled.session])
-        pooled.keys.clear()
         try:
             session = token.open(rw=True)
         except (p11.PKCS11Error, AttributeError) as error:
@@ -579,15 +663,39 @@ class Token:
             template[Attribute.CLASS] = object_class
         return list(session.get_objects(template))  # consume fully: ends the search operation
 
-    def _signing_key(self, pooled: _Pooled, handle: KeyHandle) -> tuple[Any, bool]:
-        epoch = self._epoch
-        if pooled.epoch != epoch:
-            pooled.keys.clear()
-            pooled.epoch = epoch
+    @staticmethod
+    def _read_index(session: Any) -> dict[bytes, tuple[int, bool] | None]:
+        """CKA_ID -> (handle, is EC) of every EC and RSA private key: one search instead of one per key.
+
+        A token searches by scanning its objects (SoftHSM2 reads each one), so a
+        search per key costs more with every key the token holds; this one, at
+        open, is the only full scan. Keys generated later are added by
+        :meth:`generate`, keys destroyed removed by :meth:`destroy`; a key the
+        index misses (made by another process) is searched for once.
+        """
+        index: dict[bytes, tuple[int, bool] | None] = {}
+        try:
+            for key in list(session.get_objects({Attribute.CLASS: ObjectClass.PRIVATE_KEY})):
+                key_type = key.key_type
+                if key_type not in (KeyType.EC, KeyType.RSA):
+                    continue
+                object_id = bytes(key[Attribute.ID])
+                index[object_id] = None if object_id in index else (key.handle, key_type == KeyType.EC)
+        except p11.PKCS11Error as error:
+            logger.warning("cannot list the token's private keys (%s); each key is searched for on first use",
+                           type(error).__name__)
+            return {}
+        return index
+
+    def _signing_key(self, pooled: _Pooled, handle: KeyHandle) -> tuple[int, bool]:
+        """(object handle, is EC) of ``handle``'s private key, from the index or one search."""
         object_id = handle.object_id
-        cached = pooled.keys.get(object_id)
-        if cached is not None:
-            return cached
+        with self._index_lock:
+            known = self._index.get(object_id, False)
+        if known is None:
+            raise HSMError("DeviceError", f"several private keys carry the ID of {handle.label}")
+        if known:
+            return known
         found = self._find(pooled.session, object_id, ObjectClass.PRIVATE_KEY)
         if not found:
             self._check_login(pooled, f"sign with {handle.label}")
@@ -598,9 +706,15 @@ class Token:
         key_type = key.key_type
         if key_type not in (KeyType.EC, KeyType.RSA):
             raise HSMError("InvalidRequest", f"{handle.label} is a {key_type!r} key, not EC or RSA")
-        entry = (key, key_type == KeyType.EC)
-        pooled.keys[object_id] = entry
+        entry = (key.handle, key_type == KeyType.EC)
+        with self._index_lock:
+            self._index[object_id] = entry
         return entry
+
+    def _forget(self, object_id: bytes, entry: tuple[int, bool] | None) -> None:
+        with self._index_lock:
+            if self._index.get(object_id, False) == entry:
+                del self._index[object_id]
 
     # ------------------------------------------------------------------ operations
 
@@ -628,10 +742,12 @@ class Token:
                 self._check_login(pooled, f"generate {handle.label}")
                 if self._find(pooled.session, handle.object_id):
                     raise HSMError("KeyExists", f"the token already holds objects for {handle.label}")
-                public, _ = pooled.session.generate_keypair(
+                public, private = pooled.session.generate_keypair(
                     key_type, key_length, id=handle.object_id, label=handle.label, store=True,
                     capabilities=MechanismFlag.SIGN | MechanismFlag.VERIFY,
                     public_template=public_template, private_template=private_template)
+                with self._index_lock:
+                    self._index[handle.object_id] = (private.handle, key_type == KeyType.EC)
                 return _public_key_der(public, handle)
             except p11.PKCS11Error as error:
                 raise self._failure(pooled, error, "generate", handle) from None
@@ -672,23 +788,30 @@ class Token:
         pool = self._pool
         if pool is None:
             raise HSMError("DeviceError", f"the token {self.token_label!r} is not open")
+        module = self._module
         pooled = pool.get()
         try:
             for attempt in (1, 2):
-                key, is_ec = self._signing_key(pooled, handle)
+                entry = self._signing_key(pooled, handle)
+                key, is_ec = entry
+                session = pooled.session.handle
                 try:
+                    # The handle must still name this key: a handle freed by a deletion elsewhere may since
+                    # name another object, and signing with another team's key is the one thing never to do.
+                    if module.private_key_id(session, key) != handle.object_id:
+                        raise p11.ObjectHandleInvalid()
                     if is_ec:
-                        raw = key.sign(digest, mechanism=Mechanism.ECDSA)
+                        raw = module.sign(session, key, Mechanism.ECDSA, digest)
                         half = len(raw) // 2
                         return encode_dss_signature(int.from_bytes(raw[:half], "big"),
                                                     int.from_bytes(raw[half:], "big"))
                     if rsa_padding == "pkcs1v15":
-                        return key.sign(_DIGEST_INFO[digest_algorithm] + digest, mechanism=Mechanism.RSA_PKCS)
-                    return key.sign(digest, mechanism=Mechanism.RSA_PKCS_PSS,
-                                    mechanism_param=_PSS_PARAMS[digest_algorithm])
+                        return module.sign(session, key, Mechanism.RSA_PKCS, _DIGEST_INFO[digest_algorithm] + digest)
+                    return module.sign(session, key, Mechanism.RSA_PKCS_PSS, digest,
+                                       _PssParams(*_PSS_PARAMS[digest_algorithm]))
                 except _HANDLE_STALE:
-                    # The cached object was destroyed (perhaps by another process): look it up once more.
-                    pooled.keys.pop(handle.object_id, None)
+                    # The indexed handle is gone or names another object now: search for the key once more.
+                    self._forget(handle.object_id, entry)
                     if attempt == 2:
                         raise
             raise AssertionError("unreachable")
@@ -716,7 +839,8 @@ class Token:
             except p11.PKCS11Error as error:
                 raise self._failure(pooled, error, "destroy", handle) from None
             finally:
-                self._epoch += 1  # every session drops its cached key objects
+                with self._index_lock:
+                    self._index.pop(handle.object_id, None)
                 self._give_back(pool, pooled)
 
     def ensure_audit_key(self) -> None:
@@ -746,16 +870,15 @@ class Token:
             raise HSMError("DeviceError", f"the token {self.token_label!r} is not open")
         pooled = pool.get()
         try:
-            key = pooled.keys.get(AUDIT_KEY_ID)
-            if key is None:
+            if pooled.audit_key is None:
                 found = self._find(pooled.session, AUDIT_KEY_ID, ObjectClass.SECRET_KEY)
                 if not found:
                     self._check_login(pooled, "MAC with the audit key")
                     raise HSMError("KeyNotFound", "the audit MAC key is not in the token")
-                key = pooled.keys[AUDIT_KEY_ID] = (found[0], False)
-            return key[0].sign(data, mechanism=Mechanism.SHA256_HMAC)
+                pooled.audit_key = found[0]
+            return pooled.audit_key.sign(data, mechanism=Mechanism.SHA256_HMAC)
         except p11.PKCS11Error as error:
-            pooled.keys.pop(AUDIT_KEY_ID, None)
+            pooled.audit_key = None
             raise self._failure(pooled, error, "MAC with the audit key") from None
         finally:
             if pooled.broken:
