@@ -282,6 +282,27 @@ def test_a_token_opened_again_signs_without_searching_per_key(softhsm_token, tok
             token.destroy(handle)
 
 
+def test_a_token_opened_again_refuses_to_generate_over_a_leftover_public_key(softhsm_token, token, raw_session):
+    """A pair half destroyed (the private key first) before a crash: the version's ID stays taken."""
+    handle = _handle("half-destroyed")
+    token.generate(handle, algorithm="ECDSA_P256")
+    _private_key(raw_session, handle).destroy()
+    again = hsm.Token(module_path=softhsm_token.module_path, token_label=TOKEN_LABEL, pin=PIN, sessions=1)
+    again.open()
+    try:
+        with pytest.raises(hsm.HSMError) as error:
+            again.generate(handle, algorithm="ECDSA_P256")
+        assert error.value.reason == "KeyExists"
+        assert again.destroy(handle) is True  # the leftover public key
+        again.generate(handle, algorithm="ECDSA_P256")
+        with pytest.raises(hsm.HSMError) as error:  # and a pair it generated itself
+            again.generate(handle, algorithm="ECDSA_P256")
+        assert error.value.reason == "KeyExists"
+    finally:
+        again.destroy(handle)
+        again.close()
+
+
 def test_a_key_destroyed_by_another_token_object_is_not_found(softhsm_token, token):
     handle = _handle("destroyed-elsewhere")
     token.generate(handle, algorithm="ECDSA_P256")

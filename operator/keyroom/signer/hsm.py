@@ -76,7 +76,7 @@ import queue
 import re
 import threading
 import uuid
-from typing import Any
+from typing import Any, Callable
 
 import pkcs11
 from cryptography.hazmat.primitives import serialization
@@ -282,6 +282,7 @@ class _PssParams(ctypes.Structure):
 
 
 _CKR_BUFFER_TOO_SMALL = 0x150
+_CKR_ATTRIBUTE_SENSITIVE, _CKR_ATTRIBUTE_TYPE_INVALID = 0x11, 0x12
 _CKA_CLASS, _CKA_ID = 0x0, 0x102
 _CKO_PRIVATE_KEY = 0x3
 # The python-pkcs11 exception for the return values of C_GetAttributeValue, C_SignInit and C_Sign that
@@ -346,6 +347,16 @@ class _Module:
         if object_class.value != _CKO_PRIVATE_KEY:
             return None
         return identifier.raw[:template[1].ulValueLen]
+
+    def booleans(self, session_handle: int, object_handle: int, types: list[int]) -> dict[int, bool]:
+        """The CK_BBOOL attributes ``types`` of an object (False for one it does not have); raises PKCS11Error."""
+        values = (ctypes.c_ubyte * len(types))()
+        template = (_Attribute * len(types))(*(
+            _Attribute(kind, ctypes.cast(ctypes.byref(values, n), ctypes.c_void_p), 1) for n, kind in enumerate(types)))
+        rv = self.get_attribute_value(session_handle, object_handle, template, len(types))
+        if rv not in (_CKR_OK, _CKR_ATTRIBUTE_SENSITIVE, _CKR_ATTRIBUTE_TYPE_INVALID):
+            raise _error(rv, "C_GetAttributeValue")
+        return {kind: template[n].ulValueLen == 1 and bool(values[n]) for n, kind in enumerate(types)}
 
     def sign(self, session_handle: int, key_handle: int, mechanism: int, data: bytes,
              parameter: ctypes.Structure | None = None) -> bytes:
@@ -481,6 +492,7 @@ class Token:
         # CKA_ID -> (private key object handle, is EC); None where several private keys carry the ID.
         # Object handles are the application's, valid in every session; an entry is checked before use.
         self._index: dict[bytes, tuple[int, bool] | None] = {}
+        self._public_ids: set[bytes] | None = None  # CKA_IDs of the public keys; None: not listed
         self._index_lock = threading.Lock()
 
     def __repr__(self) -> str:
@@ -535,7 +547,7 @@ class Token:
             for session in opened:
                 pool.put(_Pooled(session))
             self._token, self._module, self._size = token, module, size
-            self._index = self._read_index(opened[0])
+            self._index, self._public_ids = self._read_index(opened[0])
             self._pool = pool
 
     def _login(self, module: _Module, session_handle: int) -> bool:
@@ -664,12 +676,12 @@ class Token:
         return list(session.get_objects(template))  # consume fully: ends the search operation
 
     @staticmethod
-    def _read_index(session: Any) -> dict[bytes, tuple[int, bool] | None]:
-        """CKA_ID -> (handle, is EC) of every EC and RSA private key: one search instead of one per key.
+    def _read_index(session: Any) -> tuple[dict[bytes, tuple[int, bool] | None], set[bytes] | None]:
+        """(CKA_ID -> (handle, is EC) of every EC and RSA private key, the CKA_IDs of the public keys).
 
         A token searches by scanning its objects (SoftHSM2 reads each one), so a
-        search per key costs more with every key the token holds; this one, at
-        open, is the only full scan. Keys generated later are added by
+        search per key costs more with every key the token holds; these two, at
+        open, are the only full scans. Keys generated later are added by
         :meth:`generate`, keys destroyed removed by :meth:`destroy`; a key the
         index misses (made by another process) is searched for once.
         """
@@ -681,11 +693,13 @@ class Token:
                     continue
                 object_id = bytes(key[Attribute.ID])
                 index[object_id] = None if object_id in index else (key.handle, key_type == KeyType.EC)
+            public = {bytes(key[Attribute.ID])
+                      for key in list(session.get_objects({Attribute.CLASS: ObjectClass.PUBLIC_KEY}))}
         except p11.PKCS11Error as error:
-            logger.warning("cannot list the token's private keys (%s); each key is searched for on first use",
+            logger.warning("cannot list the token's keys (%s); each key is searched for on first use",
                            type(error).__name__)
-            return {}
-        return index
+            return index, None
+        return index, public
 
     def _signing_key(self, pooled: _Pooled, handle: KeyHandle) -> tuple[int, bool]:
         """(object handle, is EC) of ``handle``'s private key, from the index or one search."""
@@ -710,6 +724,28 @@ class Token:
         with self._index_lock:
             self._index[object_id] = entry
         return entry
+
+    def _with_private_key(self, pooled: _Pooled, handle: KeyHandle, use: Callable[[int, int, bool], Any]) -> Any:
+        """``use(session handle, key object handle, is EC)`` with ``handle``'s private key; raises PKCS11Error.
+
+        The handle must still name this key: a handle freed by a deletion
+        elsewhere may since name another object, and signing with another
+        team's key is the one thing never to do. So its CKA_ID is read back
+        first; a stale or foreign handle is dropped and the key searched for once more.
+        """
+        module = self._module
+        for attempt in (1, 2):
+            entry = self._signing_key(pooled, handle)
+            session = pooled.session.handle
+            try:
+                if module.private_key_id(session, entry[0]) != handle.object_id:
+                    raise p11.ObjectHandleInvalid()
+                return use(session, *entry)
+            except _HANDLE_STALE:
+                self._forget(handle.object_id, entry)
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
 
     def _forget(self, object_id: bytes, entry: tuple[int, bool] | None) -> None:
         with self._index_lock:
@@ -740,7 +776,10 @@ class Token:
             pool, pooled = self._borrow()
             try:
                 self._check_login(pooled, f"generate {handle.label}")
-                if self._find(pooled.session, handle.object_id):
+                with self._index_lock:
+                    listed = self._public_ids is not None
+                    known = handle.object_id in self._index or listed and handle.object_id in self._public_ids
+                if known or not listed and self._find(pooled.session, handle.object_id):
                     raise HSMError("KeyExists", f"the token already holds objects for {handle.label}")
                 public, private = pooled.session.generate_keypair(
                     key_type, key_length, id=handle.object_id, label=handle.label, store=True,
@@ -748,6 +787,8 @@ class Token:
                     public_template=public_template, private_template=private_template)
                 with self._index_lock:
                     self._index[handle.object_id] = (private.handle, key_type == KeyType.EC)
+                    if self._public_ids is not None:
+                        self._public_ids.add(handle.object_id)
                 return _public_key_der(public, handle)
             except p11.PKCS11Error as error:
                 raise self._failure(pooled, error, "generate", handle) from None
@@ -789,32 +830,20 @@ class Token:
         if pool is None:
             raise HSMError("DeviceError", f"the token {self.token_label!r} is not open")
         module = self._module
+
+        def sign_with(session: int, key: int, is_ec: bool) -> bytes:
+            if is_ec:
+                raw = module.sign(session, key, Mechanism.ECDSA, digest)
+                half = len(raw) // 2
+                return encode_dss_signature(int.from_bytes(raw[:half], "big"), int.from_bytes(raw[half:], "big"))
+            if rsa_padding == "pkcs1v15":
+                return module.sign(session, key, Mechanism.RSA_PKCS, _DIGEST_INFO[digest_algorithm] + digest)
+            return module.sign(session, key, Mechanism.RSA_PKCS_PSS, digest,
+                               _PssParams(*_PSS_PARAMS[digest_algorithm]))
+
         pooled = pool.get()
         try:
-            for attempt in (1, 2):
-                entry = self._signing_key(pooled, handle)
-                key, is_ec = entry
-                session = pooled.session.handle
-                try:
-                    # The handle must still name this key: a handle freed by a deletion elsewhere may since
-                    # name another object, and signing with another team's key is the one thing never to do.
-                    if module.private_key_id(session, key) != handle.object_id:
-                        raise p11.ObjectHandleInvalid()
-                    if is_ec:
-                        raw = module.sign(session, key, Mechanism.ECDSA, digest)
-                        half = len(raw) // 2
-                        return encode_dss_signature(int.from_bytes(raw[:half], "big"),
-                                                    int.from_bytes(raw[half:], "big"))
-                    if rsa_padding == "pkcs1v15":
-                        return module.sign(session, key, Mechanism.RSA_PKCS, _DIGEST_INFO[digest_algorithm] + digest)
-                    return module.sign(session, key, Mechanism.RSA_PKCS_PSS, digest,
-                                       _PssParams(*_PSS_PARAMS[digest_algorithm]))
-                except _HANDLE_STALE:
-                    # The indexed handle is gone or names another object now: search for the key once more.
-                    self._forget(handle.object_id, entry)
-                    if attempt == 2:
-                        raise
-            raise AssertionError("unreachable")
+            return self._with_private_key(pooled, handle, sign_with)
         except p11.PKCS11Error as error:
             raise self._failure(pooled, error, "sign with", handle) from None
         finally:
@@ -841,6 +870,8 @@ class Token:
             finally:
                 with self._index_lock:
                     self._index.pop(handle.object_id, None)
+                    if self._public_ids is not None:
+                        self._public_ids.discard(handle.object_id)
                 self._give_back(pool, pooled)
 
     def ensure_audit_key(self) -> None:
@@ -921,13 +952,11 @@ class Token:
     def key_attributes(self, handle: KeyHandle) -> dict[str, bool]:
         """The private key's SENSITIVE, ALWAYS_SENSITIVE, EXTRACTABLE, NEVER_EXTRACTABLE, TOKEN and PRIVATE."""
         pool, pooled = self._borrow()
+        kinds = [int(attribute) for attribute in _KEY_ATTRIBUTES.values()]
         try:
-            found = self._find(pooled.session, handle.object_id, ObjectClass.PRIVATE_KEY)
-            if not found:
-                self._check_login(pooled, f"read attributes of {handle.label}")
-                raise HSMError("KeyNotFound", f"no private key {handle.label} on the token")
-            values = found[0].get_attributes(list(_KEY_ATTRIBUTES.values()))
-            return {name: bool(values.get(attribute, False)) for name, attribute in _KEY_ATTRIBUTES.items()}
+            values = self._with_private_key(
+                pooled, handle, lambda session, key, _: self._module.booleans(session, key, kinds))
+            return {name: values[int(attribute)] for name, attribute in _KEY_ATTRIBUTES.items()}
         except p11.PKCS11Error as error:
             raise self._failure(pooled, error, "read attributes of", handle) from None
         finally:
