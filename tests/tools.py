@@ -10,7 +10,7 @@ They are built with the Go toolchain through the module proxy into
 ``~/.cache/keyroom/bin/tools-<hash of go.mod and go.sum>/``, so a change of a
 pin builds afresh and an unchanged one is reused (cosign takes a few minutes
 the first time). ``KEYROOM_TOOLS_BIN`` points at a directory that already holds
-the binaries instead. :class:`Registry` runs the registry on 127.0.0.1;
+the binaries instead. :class:`Registry` runs the registry (on 127.0.0.1 unless told otherwise);
 :func:`module_dir` fetches a pinned module's sources (for the CRDs the
 admission controllers ship).
 """
@@ -89,39 +89,55 @@ def run(name: str, *args: str | pathlib.Path, timeout: float = 120, **kwargs) ->
                           **kwargs)
 
 
-def _free_port() -> int:
+def _free_port(address: str = "127.0.0.1") -> int:
     with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
+        probe.bind((address, 0))
         return probe.getsockname()[1]
 
 
 class Registry:
-    """The distribution registry on 127.0.0.1 with storage under ``root``; ``host`` is host:port."""
+    """The distribution registry with storage under ``root``; ``host`` is address:port.
 
-    def __init__(self, root: pathlib.Path) -> None:
-        self.port = _free_port()
-        self.host = f"127.0.0.1:{self.port}"
+    By default it listens on 127.0.0.1 over plain HTTP and lets anyone in.
+    ``address`` is the address to listen on, ``tls`` (certificate path, key
+    path) serves HTTPS, and ``auth`` is the registry's ``auth:`` section (e.g.
+    ``{"token": {"realm": ..., "service": ..., "issuer": ..., "rootcertbundle": ...}}``).
+    """
+
+    def __init__(self, root: pathlib.Path, *, address: str = "127.0.0.1",
+                 tls: tuple[pathlib.Path, pathlib.Path] | None = None, auth: dict | None = None) -> None:
+        self.address = address
+        self.port = _free_port(address)
+        self.host = f"{address}:{self.port}"
         config = root / "config.yml"
+        # JSON is YAML: the optional sections are written as flow mappings
+        extra = ""
+        if tls:
+            extra += f"  tls: {json.dumps({'certificate': str(tls[0]), 'key': str(tls[1])})}\n"
+        if auth:
+            extra += f"auth: {json.dumps(auth)}\n"
         config.write_text(f"""version: 0.1
 log: {{level: warn}}
 storage:
   filesystem: {{rootdirectory: {root / 'data'}}}
   delete: {{enabled: true}}
 http:
-  addr: 127.0.0.1:{self.port}
-""")
+  addr: {address}:{self.port}
+""" + extra)
         self._log = open(root / "registry.log", "w")
         self.process = subprocess.Popen([str(binary("registry")), "serve", str(config)], stdout=self._log,
                                         stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                break
             try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
+                socket.create_connection((address, self.port), timeout=0.5).close()
                 return
             except OSError:
                 time.sleep(0.1)
         self.stop()
-        pytest.fail(f"the registry did not listen on {self.host}: see {root / 'registry.log'}")
+        pytest.fail(f"the registry did not listen on {self.host}: {(root / 'registry.log').read_text()[-2000:]}")
 
     def stop(self) -> None:
         self.process.terminate()

@@ -10,9 +10,10 @@ layers are simple-signing payloads, each annotated with its signature.
 
 The registry speaks plain HTTP(S): anonymous, basic credentials from
 ``~/.docker/config.json`` (``auths``; credential helpers are not read), or the
-token flow a ``401`` with ``WWW-Authenticate: Bearer`` asks for. Registries on
-loopback (localhost, 127.0.0.1, [::1]) are spoken to over HTTP, others over
-HTTPS unless ``insecure`` is set.
+token flow a ``401`` with ``WWW-Authenticate: Bearer`` asks for (the token server
+of an HTTPS registry must be HTTPS too). Registries on loopback (localhost,
+127.0.0.1, [::1]) are spoken to over HTTP, others over HTTPS unless ``insecure``
+is set; a private CA's bundle is given in ``REQUESTS_CA_BUNDLE``.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ import json
 import os
 import pathlib
 import re
+import urllib.parse
 
 import requests
 
@@ -112,17 +114,35 @@ class Registry:
             found.get("https://index.docker.io/v1/") if host == DOCKER_HUB else None) or {}
         self._basic = base64.b64decode(entry["auth"]).decode().split(":", 1) if entry.get("auth") else None
 
+    def _send(self, method: str, url: str, **kwargs) -> requests.Response:
+        try:
+            return self.session.request(method, url, timeout=_TIMEOUT, **kwargs)
+        except requests.exceptions.SSLError as error:
+            found = re.search(r"(certificate verify failed: .*?) \(_ssl", str(error))
+            raise RegistryError(f"cannot reach {urllib.parse.urlsplit(url).netloc} over HTTPS: "
+                                f"{found.group(1) if found else error}; when a private CA signed its certificate, "
+                                "give that CA's PEM bundle in REQUESTS_CA_BUNDLE") from None
+        except requests.RequestException as error:
+            raise RegistryError(f"cannot reach {self.host}: {error}") from None
+
     def _token(self, challenge: str, scope: str) -> str:
         fields = dict(re.findall(r'(\w+)="([^"]*)"', challenge))
         if "realm" not in fields:
             raise RegistryError(f"{self.host} asks for authentication this client does not speak: {challenge}")
-        params = {"service": fields.get("service", ""), "scope": fields.get("scope", scope)}
-        answer = self.session.get(fields["realm"], params=params, auth=tuple(self._basic) if self._basic else None,
-                                  timeout=_TIMEOUT)
+        if self.base.startswith("https:") and not fields["realm"].startswith("https:"):
+            raise RegistryError(f"{self.host} names a token server that is not HTTPS ({fields['realm']}); "
+                                "no credentials are sent to it")
+        # the scope this client needs, not the challenge's: a HEAD before a push is challenged for pull only,
+        # and the token is kept for the pushes that follow it
+        params = {"service": fields.get("service", ""), "scope": scope}
+        answer = self._send("GET", fields["realm"], params=params, auth=tuple(self._basic) if self._basic else None)
         if answer.status_code != 200:
             raise RegistryError(f"{self.host} refused a token for {params['scope']} ({answer.status_code}); "
                                 "log in with docker login or crane auth login")
-        body = answer.json()
+        try:
+            body = answer.json()
+        except ValueError:
+            raise RegistryError(f"{self.host}: the token server {fields['realm']} answered no JSON") from None
         return body.get("token") or body.get("access_token") or ""
 
     def _request(self, method: str, url: str, *, repository: str, push: bool = False, **kwargs) -> requests.Response:
@@ -132,11 +152,8 @@ class Registry:
             if scope in self._tokens:
                 headers["Authorization"] = f"Bearer {self._tokens[scope]}"
             auth = tuple(self._basic) if self._basic and "Authorization" not in headers else None
-            try:
-                answer = self.session.request(method, url if "://" in url else self.base + url, headers=headers,
-                                              auth=auth, timeout=_TIMEOUT, **kwargs)
-            except requests.RequestException as error:
-                raise RegistryError(f"cannot reach {self.host}: {error}") from None
+            answer = self._send(method, url if "://" in url else self.base + url, headers=headers, auth=auth,
+                                **kwargs)
             challenge = answer.headers.get("WWW-Authenticate", "")
             if answer.status_code != 401 or not challenge.lower().startswith("bearer") or scope in self._tokens:
                 return answer
