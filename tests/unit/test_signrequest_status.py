@@ -119,3 +119,33 @@ def test_builds_show_as_counted_keep_when_they_were_seen_and_stay_out_when_no_po
     assert conditions.find(signed["conditions"], "Approved")["message"] == "approved by bob; builds of ci-a, ci-b match"
     plain = status_of("Pending")
     assert "builds" not in plain and "buildSummary" not in plain
+
+
+def test_the_caches_rate_index_counts_what_a_scan_of_its_bodies_counts():
+    from keyroom.controllers.signrequest import Requests
+
+    def body(namespace, name, phase, version=1, digests=1, key="k", **status):
+        return {"metadata": {"namespace": namespace, "name": name, "uid": f"{namespace}-{name}",
+                             "resourceVersion": str(version)},
+                "spec": {"keyRef": {"name": key}, "digests": [{"name": f"d{i}", "value": "ab" * 32}
+                                                               for i in range(digests)]},
+                "status": {"phase": phase, **status}}
+    cache = Requests()
+    cache.remember(body("team-a", "old", "Signed", signedAt="2026-11-26T10:00:00Z", digests=3))
+    cache.remember(body("team-a", "new", "Signed", signedAt="2026-11-26T11:45:00Z", digests=2, key="j"))
+    cache.remember(body("team-a", "busy", "Signing", digests=4))
+    cache.remember(body("team-a", "waiting", "Pending"))
+    cache.remember(body("team-b", "other", "Signed", signedAt="2026-11-26T11:50:00Z", digests=7))
+
+    def counted(namespace):
+        return sorted((s.at, s.key, s.count) for s in cache.recent_signatures(namespace, AT))
+    assert counted("team-a") == sorted((s.at, s.key, s.count)
+                                       for s in recent_signatures(cache.in_namespace("team-a"), AT))
+    assert counted("team-a") == [(AT - datetime.timedelta(minutes=15), "j", 2), (AT, "k", 4)]
+    assert counted("team-b") == [(AT - datetime.timedelta(minutes=10), "k", 7)]
+    cache.remember(body("team-a", "busy", "Failed", version=2, digests=4))  # no longer signing: not counted
+    cache.forget("team-a", "new")
+    assert counted("team-a") == [] and [b["metadata"]["name"] for b in cache.in_namespace("team-a")] == [
+        "old", "busy", "waiting"]
+    cache.forget("team-b", "other")
+    assert counted("team-b") == [] and cache.in_namespace("team-b") == []

@@ -29,7 +29,7 @@ import dataclasses
 import datetime
 import logging
 import os
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import kopf
 import kubernetes
@@ -120,17 +120,25 @@ def status_patch(current: Mapping, desired: Mapping) -> dict | None:
     return patch or None
 
 
+def signature_of(request: Mapping) -> tuple[datetime.datetime | None, str, int] | None:
+    """(when it signed, None while Signing; its key; its digests) for a request that signs or signed; else None."""
+    status = request.get("status") or {}
+    if status.get("phase") == "Signing" or (status.get("phase") == "Signed" and status.get("signedAt")):
+        signed_at = schedule.parse_time(status["signedAt"]) if status.get("signedAt") else None
+        return signed_at, request["spec"]["keyRef"]["name"], len(request["spec"]["digests"])
+    return None
+
+
+def in_window(signatures: Iterable[tuple[datetime.datetime | None, str, int]],
+              at: datetime.datetime) -> list[policy.Signature]:
+    """The signatures within the rate-limit window before ``at`` (one being made counts as made at ``at``)."""
+    return [policy.Signature(signed_at or at, key, count) for signed_at, key, count in signatures
+            if signed_at is None or signed_at > at - policy.RATE_WINDOW]
+
+
 def recent_signatures(requests: list[Mapping], at: datetime.datetime) -> list[policy.Signature]:
     """Signatures the namespace's requests made (or are making) within the rate-limit window."""
-    found = []
-    for request in requests:
-        status = request.get("status") or {}
-        if status.get("phase") == "Signing" or (status.get("phase") == "Signed" and status.get("signedAt")):
-            signed_at = schedule.parse_time(status["signedAt"]) if status.get("signedAt") else at
-            if signed_at > at - policy.RATE_WINDOW:
-                found.append(policy.Signature(signed_at, request["spec"]["keyRef"]["name"],
-                                              len(request["spec"]["digests"])))
-    return found
+    return in_window(filter(None, map(signature_of, requests)), at)
 
 
 def removal_due(body: Mapping, *, default_ttl: str) -> datetime.datetime | None:
@@ -161,6 +169,10 @@ class Requests:
 
     ttl_after_finished: str = DEFAULT_TTL_AFTER_FINISHED
     bodies: dict[tuple[str, str], dict] = dataclasses.field(default_factory=dict)
+    #: namespace -> name -> body (the same bodies), so that a namespace's requests are found without a scan
+    by_namespace: dict[str, dict[str, dict]] = dataclasses.field(default_factory=dict)
+    #: namespace -> name -> signature_of(body), for the rate limits: parsed once, when the body is remembered
+    signatures: dict[str, dict[str, tuple]] = dataclasses.field(default_factory=dict)
     locks: dict[tuple[str, str], asyncio.Lock] = dataclasses.field(default_factory=dict)
     timers: dict[tuple[str, str], asyncio.TimerHandle] = dataclasses.field(default_factory=dict)
     backoff: dict[tuple[str, str], float] = dataclasses.field(default_factory=dict)
@@ -179,21 +191,38 @@ class Requests:
                 # a final request is kept only for rate limits and its removal: drop digest values and signatures
                 spec["digests"] = [{"name": d["name"]} for d in spec["digests"]]
                 status.pop("signatures", None)
-            self.bodies[key] = {"apiVersion": body.get("apiVersion"), "kind": body.get("kind"),
-                                "metadata": dict(body["metadata"]), "spec": spec, "status": status}
+            kept = {"apiVersion": body.get("apiVersion"), "kind": body.get("kind"),
+                    "metadata": dict(body["metadata"]), "spec": spec, "status": status}
+            self.bodies[key] = kept
+            self.by_namespace.setdefault(key[0], {})[key[1]] = kept
+            signature = signature_of(kept)
+            if signature is None:
+                self.signatures.get(key[0], {}).pop(key[1], None)
+            else:
+                self.signatures.setdefault(key[0], {})[key[1]] = signature
 
     def forget(self, namespace: str, name: str) -> None:
         key = (namespace, name)
         body = self.bodies.pop(key, None)
         if body is not None:
             self.unsigned.discard(body["metadata"]["uid"])
+        for index in (self.by_namespace, self.signatures):
+            found = index.get(namespace)
+            if found is not None:
+                found.pop(name, None)
+                if not found:
+                    del index[namespace]
         self.backoff.pop(key, None)
         timer = self.timers.pop(key, None)
         if timer:
             timer.cancel()
 
     def in_namespace(self, namespace: str) -> list[dict]:
-        return [body for (ns, _), body in self.bodies.items() if ns == namespace]
+        return list(self.by_namespace.get(namespace, {}).values())
+
+    def recent_signatures(self, namespace: str, at: datetime.datetime) -> list[policy.Signature]:
+        """What :func:`recent_signatures` says of the namespace's requests, from the index."""
+        return in_window(self.signatures.get(namespace, {}).values(), at)
 
     def wake_at(self, namespace: str, name: str, when: datetime.datetime | None, run) -> None:
         """Run ``run(namespace, name)`` at ``when`` (replacing an earlier timer of the request)."""
@@ -283,7 +312,7 @@ class Reconciler:
         labels = dict(self.key_labels.get(namespace, []))
         key_state = policy.KeyState.from_status(key.get("status") or {}) if key is not None else None
         return policy.decide(body, key=key, key_state=key_state, policies=policies, at=at, key_labels=labels,
-                             recent=recent_signatures(self.requests.in_namespace(namespace), at))
+                             recent=self.requests.recent_signatures(namespace, at))
 
     async def _signer_record(self, body: Mapping) -> str | None:
         """Signed, Signing or Unsigned as the signer records the request; None when it cannot be asked."""

@@ -115,14 +115,27 @@ class ClusterReader:
                 return None
             raise
 
-    def _list(self, plural: str, namespace: str) -> list[dict]:
-        return self._apis()[0].list_namespaced_custom_object(GROUP, VERSION, namespace, plural)["items"]
+    def _list(self, plural: str, namespace: str, *, not_older_than: str | None = None) -> list[dict]:
+        if not_older_than is None:
+            return self._apis()[0].list_namespaced_custom_object(GROUP, VERSION, namespace, plural)["items"]
+        return self._apis()[0].list_namespaced_custom_object(
+            GROUP, VERSION, namespace, plural, resource_version=not_older_than,
+            resource_version_match="NotOlderThan")["items"]
 
     async def request_keys_policies(self, namespace: str, name: str) -> tuple[dict | None, list[dict], list[dict]]:
-        """The SignRequest, the namespace's SigningKeys and its SigningPolicies, read fresh and concurrently."""
-        return await asyncio.gather(asyncio.to_thread(self._get, "signrequests", namespace, name),
-                                    asyncio.to_thread(self._list, "signingkeys", namespace),
-                                    asyncio.to_thread(self._list, "signingpolicies", namespace))
+        """The SignRequest (a quorum read), then the namespace's SigningKeys and SigningPolicies as the API
+        server's cache holds them, at least as new as that read of the request.
+
+        The lists are served from the watch cache (no etcd read, the costliest
+        part of a request's API calls) but never older than the request: any
+        change to a key or policy made before the request was read is in them.
+        """
+        request = await asyncio.to_thread(self._get, "signrequests", namespace, name)
+        version = (request or {}).get("metadata", {}).get("resourceVersion") or None
+        keys, policies = await asyncio.gather(
+            asyncio.to_thread(self._list, "signingkeys", namespace, not_older_than=version),
+            asyncio.to_thread(self._list, "signingpolicies", namespace, not_older_than=version))
+        return request, keys, policies
 
     async def key(self, namespace: str, name: str) -> dict | None:
         return await asyncio.to_thread(self._get, "signingkeys", namespace, name)
