@@ -164,6 +164,10 @@ class _Supervisor:
         stat = _proc_stat(process.pid)
         self.state["processes"][name] = {"pid": process.pid, "started": stat[1] if stat else "",
                                          "log": str(log_path)}
+        if env is None:
+            # what restart_process runs again; a process given its own environment (the operator, the signer:
+            # tokens, the PIN's path) is recorded without it and is started again by its own function
+            self.state["processes"][name]["argv"] = list(argv)
         _write_state(self.state_dir, self.state)
         return process
 
@@ -348,6 +352,9 @@ def _start(supervisor: _Supervisor, found: binaries_module.Binaries, *, operator
         "--service-account-max-token-expiration=48h",
         "--service-cluster-ip-range=10.0.0.0/24", "--allow-privileged=false",
         "--enable-priority-and-fairness=false", "--v=1",
+        # SO_REUSEADDR: a restarted API server (restart_process) binds its port at once, not after the kernel
+        # released the killed one's connections (FIN-WAIT-2 while a client holds its end open, then TIME-WAIT)
+        "--permit-address-sharing",
     ])
     context = ssl.create_default_context(cafile=str(pki_dir / "ca.crt"))
     with _temporary_pem(pki_dir, admin) as (cert_file, key_file):
@@ -523,6 +530,77 @@ def stop_process(state_dir: pathlib.Path, name: str, *, log: Log = print) -> Non
     if name in state["processes"]:
         _stop_processes({name: state["processes"].pop(name)}, log)
         _write_state(state_dir, state)
+
+
+def _listen_addresses(argv: list[str]) -> list[tuple[str, int]]:
+    """The loopback or wildcard addresses a recorded control-plane process listens on, from its argv."""
+    flags = dict(arg[2:].split("=", 1) for arg in argv[1:] if arg.startswith("--") and "=" in arg)
+    addresses = []
+    for flag in ("listen-client-urls", "listen-peer-urls"):  # etcd
+        for url in filter(None, flags.get(flag, "").split(",")):
+            host, port = url.split("://", 1)[1].rstrip("/").rsplit(":", 1)
+            addresses.append((host, int(port)))
+    if "secure-port" in flags:  # kube-apiserver, kube-controller-manager
+        addresses.append((flags.get("bind-address", "0.0.0.0"), int(flags["secure-port"])))
+    return addresses
+
+
+def _wait_for_ports(name: str, argv: list[str], timeout: float = 60.0) -> None:
+    """Wait until the addresses of a killed process can be bound again (with SO_REUSEADDR, as etcd and, with
+    --permit-address-sharing, kube-apiserver bind them): a client's connection may briefly take the port."""
+    deadline = time.monotonic() + timeout
+    for address in _listen_addresses(argv):
+        while True:
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                try:
+                    probe.bind(address)
+                    break
+                except OSError as error:
+                    if time.monotonic() > deadline:
+                        raise DevEnvError(f"{name} cannot listen on {address[0]}:{address[1]} again: {error}") from None
+            time.sleep(0.2)
+
+
+def restart_process(environment: Environment, name: str, *, kill: bool = True, log: Log = print) -> subprocess.Popen:
+    """Start a recorded process (etcd, kube-apiserver, kube-controller-manager) again with its recorded argv and
+    return once it is healthy again: with ``kill``, after a SIGKILL of its process group (a crash); without, after
+    the graceful stop ``down`` makes. The operator and the signer are started again with ``start_operator`` and
+    ``start_signer``."""
+    state_dir = environment.state_dir
+    state = _read_state(state_dir) or {"processes": {}}
+    process = state["processes"].get(name)
+    if process is None or "argv" not in process:
+        raise DevEnvError(f"{name} is not a process recorded with its command line in {state_dir}; "
+                          "restart the operator and the signer with start_operator and start_signer")
+    argv = process["argv"]
+    if kill:
+        if _alive(process):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process["pid"], signal.SIGKILL)
+        deadline = time.monotonic() + _STOP_TIMEOUT
+        while _alive(process) and time.monotonic() < deadline:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(process["pid"], os.WNOHANG)
+            time.sleep(0.05)
+        if _alive(process):
+            raise DevEnvError(f"{name} (pid {process['pid']}) did not die of SIGKILL within {_STOP_TIMEOUT:.0f}s")
+    else:
+        _stop_processes({name: process}, log)
+    _wait_for_ports(name, argv)
+    supervisor = _Supervisor(state_dir, state)
+    started = supervisor.spawn(name, argv)
+    if name == "etcd":
+        client_url = next(arg.split("=", 1)[1].split(",")[0] for arg in argv
+                          if arg.startswith("--listen-client-urls="))
+        supervisor.wait_until(name, started, lambda: urllib.request.urlopen(f"{client_url}/health",
+                                                                            timeout=1).status == 200, what="healthy")
+    elif name == "kube-apiserver":
+        supervisor.wait_until(name, started, lambda: environment.run_kubectl(
+            "get", "--raw", "/readyz", "--request-timeout=2s", check=False).returncode == 0, what="ready")
+    else:
+        supervisor.wait_until(name, started, lambda: True, what="running", timeout=1)
+    return started
 
 
 def down(state_dir: pathlib.Path, *, log: Log = print) -> None:
