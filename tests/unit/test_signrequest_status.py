@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import datetime
 
+import hypothesis
+import hypothesis.strategies
 import pytest
 
 from keyroom import conditions, policy
-from keyroom.controllers.signrequest import desired_status, recent_signatures, removal_due, status_patch
+from keyroom.controllers.signrequest import desired_status, in_window, recent_signatures, removal_due, status_patch
 
 AT = datetime.datetime(2026, 11, 26, 12, 0, tzinfo=datetime.timezone.utc)
 APPROVALS = ({"user": "bob", "decision": "Approve", "counted": True},
@@ -138,7 +140,8 @@ def test_the_caches_rate_index_counts_what_a_scan_of_its_bodies_counts():
     cache.remember(body("team-b", "other", "Signed", signedAt="2026-11-26T11:50:00Z", digests=7))
 
     def counted(namespace):
-        return sorted((s.at, s.key, s.count) for s in cache.recent_signatures(namespace, AT))
+        tally = cache.rate_tally(namespace, AT)
+        return sorted((s.at, s.key, s.count) for key in tally.keys() for s in tally.signatures(key))
     assert counted("team-a") == sorted((s.at, s.key, s.count)
                                        for s in recent_signatures(cache.in_namespace("team-a"), AT))
     assert counted("team-a") == [(AT - datetime.timedelta(minutes=15), "j", 2), (AT, "k", 4)]
@@ -149,3 +152,34 @@ def test_the_caches_rate_index_counts_what_a_scan_of_its_bodies_counts():
         "old", "busy", "waiting"]
     cache.forget("team-b", "other")
     assert counted("team-b") == [] and cache.in_namespace("team-b") == []
+
+
+@hypothesis.settings(max_examples=200, deadline=None)
+@hypothesis.given(hypothesis.strategies.lists(hypothesis.strategies.tuples(
+    hypothesis.strategies.sampled_from(["put", "drop", "at"]), hypothesis.strategies.sampled_from("abcdef"),
+    hypothesis.strategies.sampled_from(["k", "j"]), hypothesis.strategies.integers(0, 200),
+    hypothesis.strategies.integers(1, 5), hypothesis.strategies.booleans()), max_size=60))
+@hypothesis.example([("put", "a", "k", 30, 1, False), ("at", "a", "k", 30, 1, False)])  # exactly an hour old
+def test_the_incremental_rate_index_always_equals_a_tally_of_all_signatures(steps):
+    """Requests signing, signed, dropped, and time passing (minutes): the index and a full tally agree."""
+    from keyroom import policy
+    from keyroom.controllers.signrequest import RateIndex
+
+    index, everything = RateIndex(), {}
+    moment = AT
+    for action, name, key, minutes, count, signing in steps:
+        if action == "put":
+            signature = (None if signing else moment - datetime.timedelta(minutes=minutes), key, count)
+            index.put(name, signature)
+            everything[name] = signature
+        elif action == "drop":
+            index.drop(name)
+            everything.pop(name, None)
+        else:
+            moment += datetime.timedelta(minutes=minutes)
+        tally = index.at(moment)
+        expected = policy.RateTally.of(in_window(everything.values(), moment), moment)
+        assert sorted(tally.keys()) == sorted(expected.keys())
+        for key in ("k", "j"):
+            assert tally.total(key) == expected.total(key)
+            assert sorted(tally.signatures(key), key=repr) == sorted(expected.signatures(key), key=repr)
