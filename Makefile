@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 DEV_DIR = $(abspath $(STATE_DIR))
 KUBECTL = $(shell $(PY) -m keyroom.devenv binaries | sed -n 's/^kubectl=//p')
 
-.PHONY: help venv check binaries test unit integration crds docs dev dev-down bench clean mutation images e2e e2e-kind
+.PHONY: help venv check binaries test unit integration crds docs dev dev-down bench clean mutation images e2e e2e-kind chaos
 
 help:
 	@echo "make dev        start a local keyroom (control plane + operator) in $(STATE_DIR)/ and show it working"
@@ -20,6 +20,7 @@ help:
 	@echo "make e2e        the chart's pods on a local node (kubelet, containerd): install, sign, restart, kill (root)"
 	@echo "make e2e-kind   the same images, chart and flow on kind (needs Docker and kind)"
 	@echo "make bench      measure the signer and SignRequests end to end (figures as ratios to raw python-pkcs11)"
+	@echo "make chaos      1,000 SignRequests while the operator and signer are killed 12 times, kube-apiserver and etcd once"
 	@echo "make mutation   mutation-test the guards (policy, the signer's requests, keys, audit log, service) with mutmut"
 
 $(VENV)/.installed: pyproject.toml
@@ -47,6 +48,12 @@ unit: venv
 
 integration: venv binaries test-tools
 	$(PY) -m pytest -ra tests/integration
+
+# The long form of tests/integration/test_chaos.py (make test runs a short one): 1,000 SignRequests approved under
+# load while the operator and the signer are killed with SIGKILL 12 times and kube-apiserver and etcd once each;
+# every approved request must be signed exactly once. KEYROOM_CHAOS_SEED=N replays a printed fault schedule.
+chaos: venv binaries
+	KEYROOM_CHAOS_REQUESTS=1000 KEYROOM_CHAOS_FAULTS=12 $(PY) -m pytest tests/integration/test_chaos.py -v -s
 
 images: venv
 	$(PY) -m keyroom.devenv.images build
