@@ -406,6 +406,19 @@ class _Module:
 
 _modules_lock = threading.Lock()
 _modules: dict[str, tuple[Any, _Module, bool]] = {}  # path -> (python-pkcs11 lib, function list, multi-threaded)
+_open_tokens: dict[str, int] = {}  # path -> Tokens of this process open on the module
+
+
+def _forget_module(path: str) -> None:
+    """Finalise and unload the module ``path`` if no Token of this process has it open (else nothing)."""
+    with _modules_lock:
+        if _open_tokens.get(path, 0) or path not in _modules:
+            return
+        _modules.pop(path)
+        try:
+            pkcs11.unload(path)
+        except (p11.PKCS11Error, KeyError, AttributeError) as error:
+            logger.warning("could not unload the PKCS#11 module %s (%s)", path, type(error).__name__)
 
 
 def _load_module(path: str) -> tuple[Any, _Module, bool]:
@@ -516,6 +529,10 @@ class Token:
             try:
                 token = lib.get_token(token_label=self.token_label)
             except p11.NoSuchToken:
+                # A module lists its slots when initialised (SoftHSM2 reads its token directory then): one
+                # re-initialised next time sees a token inserted or created since, unless this process holds
+                # sessions of the module open (finalising would end them).
+                _forget_module(self.module_path)
                 raise HSMError("TokenNotFound", f"no token labelled {self.token_label!r} in "
                                                 f"{self.module_path}") from None
             except p11.MultipleTokensReturned:
@@ -549,6 +566,8 @@ class Token:
             self._token, self._module, self._size = token, module, size
             self._index, self._public_ids = self._read_index(opened[0])
             self._pool = pool
+            with _modules_lock:
+                _open_tokens[self.module_path] = _open_tokens.get(self.module_path, 0) + 1
 
     def _login(self, module: _Module, session_handle: int) -> bool:
         """Log the application in as the token's user; True if this call did (False: it already was)."""
@@ -581,6 +600,8 @@ class Token:
             pool, self._pool = self._pool, None
             if pool is None:
                 return
+            with _modules_lock:
+                _open_tokens[self.module_path] -= 1
             collected: list[_Pooled] = []
             for _ in range(self._size):
                 try:

@@ -1,0 +1,130 @@
+"""HSM faults seen from a running signer: a clear reason on /healthz, no crash, recovery once the fault is fixed.
+
+Each test starts a second signer process of its own (its own SoftHSM2
+configuration and state directory, the environment's TLS files and signer
+kubeconfig) and watches ``/healthz``, which is what the chart's readiness probe
+reads. The signer keeps running through every fault (its liveness is its
+port), so a fault is reported, never restarted in a loop.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import socket
+import ssl
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+
+import pytest
+
+from keyroom.signer import softhsm
+from tests.conftest import wait_for
+
+pytestmark = pytest.mark.integration
+
+PIN, SO_PIN = "fault-user-pin-4b1e", "fault-so-pin-77c3"
+
+
+class SecondSigner:
+    """A signer process on ``hsm_dir``'s SoftHSM2 configuration, its health read over HTTPS."""
+
+    def __init__(self, cluster, tmp_path: pathlib.Path, hsm_dir: pathlib.Path, **overrides: str) -> None:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        (tmp_path / "pin").write_text(PIN)
+        env = dict(os.environ, SOFTHSM2_CONF=str(hsm_dir / "softhsm2.conf"), KEYROOM_TOKEN_LABEL="faults",
+                   KEYROOM_PIN_FILE=str(tmp_path / "pin"), KEYROOM_SIGNER_LISTEN=f"127.0.0.1:{self.port}",
+                   KEYROOM_SIGNER_TLS_CERT=str(cluster.state_dir / "pki" / "signer.crt"),
+                   KEYROOM_SIGNER_TLS_KEY=str(cluster.state_dir / "pki" / "signer.key"),
+                   KEYROOM_SIGNER_STATE_DIR=str(tmp_path / "state"), KUBECONFIG=str(cluster.kubeconfig("signer")),
+                   **overrides)
+        env.pop("KEYROOM_PIN", None)
+        self.log = tmp_path / "signer.log"
+        with open(self.log, "wb") as output:
+            self.process = subprocess.Popen([sys.executable, "-m", "keyroom.signer"], env=env, stdout=output,
+                                            stderr=subprocess.STDOUT)
+        self.context = ssl.create_default_context(cafile=str(cluster.state_dir / "pki" / "ca.crt"))
+
+    def health(self) -> dict | None:
+        """/healthz's answer, its HTTP status as "http"; None while nothing listens."""
+        assert self.process.poll() is None, f"the signer exited ({self.process.returncode}): {self.log.read_text()}"
+        try:
+            with urllib.request.urlopen(f"https://127.0.0.1:{self.port}/healthz", context=self.context,
+                                        timeout=2) as answer:
+                return {**json.loads(answer.read() or b"{}"), "http": answer.status}
+        except urllib.error.HTTPError as error:
+            return {**json.loads(error.read() or b"{}"), "http": error.code}
+        except OSError:
+            return None
+
+    def call(self, path: str, token: str) -> tuple[int, dict]:
+        """(HTTP status, JSON answer) of an authenticated GET to the signer."""
+        request = urllib.request.Request(f"https://127.0.0.1:{self.port}{path}",
+                                         headers={"Authorization": f"Bearer {token}"})
+        try:
+            with urllib.request.urlopen(request, context=self.context, timeout=10) as answer:
+                return answer.status, json.loads(answer.read())
+        except urllib.error.HTTPError as error:
+            return error.code, json.loads(error.read() or b"{}")
+
+    def reason(self, wanted: str, timeout: float = 30) -> dict:
+        return wait_for(lambda: (h := self.health()) and h.get("reason") == wanted and h, timeout=timeout,
+                        what=f"the signer to report {wanted} (log: {self.log})")
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=10)
+
+
+def test_a_token_that_appears_later_is_opened_without_a_restart(cluster, tmp_path):
+    hsm_dir = tmp_path / "hsm"
+    softhsm.write_config(hsm_dir)  # SoftHSM2 configured, but no token labelled "faults" yet
+    signer = SecondSigner(cluster, tmp_path, hsm_dir)
+    try:
+        missing = signer.reason("TokenNotFound")
+        assert missing["http"] == 503 and "faults" in missing["message"]
+        softhsm.init_token(hsm_dir, label="faults", pin=PIN, so_pin=SO_PIN)  # the fault fixed
+        healthy = wait_for(lambda: (h := signer.health()) and h["http"] == 200 and h, timeout=40,
+                           what="the signer to open the token on its own")
+        assert signer.process.poll() is None and healthy["http"] == 200
+        assert "PKCS#11 token 'faults' is open" in signer.log.read_text()
+    finally:
+        signer.stop()
+    assert PIN not in signer.log.read_text()
+
+
+def test_a_wrong_module_path_is_reported_and_the_signer_keeps_running(cluster, tmp_path):
+    hsm_dir = tmp_path / "hsm"
+    softhsm.init_token(hsm_dir, label="faults", pin=PIN, so_pin=SO_PIN)
+    signer = SecondSigner(cluster, tmp_path, hsm_dir, KEYROOM_PKCS11_MODULE=str(tmp_path / "no-such-module.so"))
+    try:
+        answer = signer.reason("ModuleNotFound")
+        assert answer["http"] == 503 and "no-such-module.so" in answer["message"]
+        assert signer.process.poll() is None
+    finally:
+        signer.stop()
+
+
+def test_a_token_removed_under_a_running_signer_is_a_clear_refusal_not_a_crash(cluster, tmp_path):
+    from tests.integration.test_signingkey import _token
+
+    hsm_dir = tmp_path / "hsm"
+    softhsm.init_token(hsm_dir, label="faults", pin=PIN, so_pin=SO_PIN)
+    signer = SecondSigner(cluster, tmp_path, hsm_dir)
+    token = _token(cluster, "keyroom-operator", "keyroom-signer")
+    try:
+        wait_for(lambda: (h := signer.health()) and h["http"] == 200, timeout=40, what="the signer to be healthy")
+        assert signer.call("/v1/keys", token)[0] == 200  # the token's objects, listed
+        for token_dir in (hsm_dir / "tokens").iterdir():  # the token pulled out
+            subprocess.run(["rm", "-rf", str(token_dir)], check=True)
+        status, answer = signer.call("/v1/keys", token)
+        assert signer.process.poll() is None, "the signer died"
+        assert status in (200, 503), answer  # SoftHSM2 may still answer from memory; never a 500
+        if status == 503:
+            assert answer["reason"] in ("DeviceError", "TokenNotFound") and answer["message"]
+    finally:
+        signer.stop()
