@@ -242,7 +242,9 @@ def test_signer_serves_healthz_from_a_token_on_its_volume(built, tmp_path, stub_
                 break
             time.sleep(0.5)
         logs = podman("logs", name).stderr + podman("logs", name).stdout
-        assert answer == (200, {"status": "ok", "token": TOKEN_LABEL}), f"last answer {answer}; logs:\n{logs}"
+        assert answer == (200, {"status": "ok", "token": TOKEN_LABEL, "algorithms": ["ECDSA_P256", "ECDSA_P384",
+                                                                                  "RSA_3072", "RSA_4096"],
+                                "lacking": {}}), f"last answer {answer}; logs:\n{logs}"
         assert f"keyroom signer listening on https://127.0.0.1:{port}" in logs
         assert "/api/v1/namespaces/keyroom-system/configmaps/keyroom-audit-checkpoint" in stub_api_server.paths
     finally:

@@ -491,7 +491,9 @@ def test_every_mutant_of_the_middleware_is_caught():
 # =========================================================================== the routes behind the middleware
 
 class FakeToken:
-    """What the routes need of an open token: its objects (or a failure), and close."""
+    """What the routes need of an open token: its objects (or a failure), what it lacks, and close."""
+
+    lacking = {"RSA_4096": ["4096-bit keys (CKM_RSA_PKCS_KEY_PAIR_GEN makes 1024 to 3072)"]}
 
     def __init__(self, objects=(), failure: Exception | None = None) -> None:
         self.objects, self.failure = list(objects), failure
@@ -548,7 +550,9 @@ def test_health_says_what_is_missing():
                                                                       "message": "the PIN is wrong"})
             signer.token = FakeToken()
             response = await client.get("/healthz")
-            assert (response.status, await response.json()) == (200, {"status": "ok", "token": "unit"})
+            assert (response.status, await response.json()) == (200, {
+                "status": "ok", "token": "unit", "algorithms": ["ECDSA_P256", "ECDSA_P384", "RSA_3072"],
+                "lacking": {"RSA_4096": ["4096-bit keys (CKM_RSA_PKCS_KEY_PAIR_GEN makes 1024 to 3072)"]}})
             signer.requests.error = "the audit log failed verification: truncated"
             response = await client.get("/healthz")
             assert (response.status, await response.json()) == (503, {

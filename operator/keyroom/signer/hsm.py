@@ -221,6 +221,48 @@ _KEY_ATTRIBUTES = {
 }
 _KEY_CLASSES = (ObjectClass.PRIVATE_KEY, ObjectClass.PUBLIC_KEY)
 
+# What each algorithm needs of a token: its key-pair generation and signing mechanisms (and, for RSA, the
+# modulus length, within the generation mechanism's range).
+_NEEDS: dict[str, tuple[tuple[Mechanism, ...], int | None]] = {
+    "ECDSA_P256": ((Mechanism.EC_KEY_PAIR_GEN, Mechanism.ECDSA), None),
+    "ECDSA_P384": ((Mechanism.EC_KEY_PAIR_GEN, Mechanism.ECDSA), None),
+    "RSA_3072": ((Mechanism.RSA_PKCS_KEY_PAIR_GEN, Mechanism.RSA_PKCS), 3072),
+    "RSA_4096": ((Mechanism.RSA_PKCS_KEY_PAIR_GEN, Mechanism.RSA_PKCS), 4096),
+}
+
+
+def _mechanism_name(mechanism: Any) -> str:
+    try:
+        return "CKM_" + Mechanism(mechanism).name
+    except ValueError:
+        return f"mechanism 0x{int(mechanism):x}"
+
+
+def lacking(slot: Any) -> tuple[dict[str, list[str]], frozenset[int] | None]:
+    """({algorithm: what the token lacks for it}, the token's mechanisms) from the slot's mechanism list.
+
+    A module that cannot list its mechanisms lacks nothing as far as keyroom can tell (None): generation
+    and signing then report what the token refuses.
+    """
+    try:
+        mechanisms = frozenset(int(m) for m in slot.get_mechanisms())
+    except (p11.PKCS11Error, TypeError, ValueError):
+        return {}, None
+    found: dict[str, list[str]] = {}
+    for algorithm, (needed, bits) in _NEEDS.items():
+        missing = [_mechanism_name(m) for m in needed if int(m) not in mechanisms]
+        if bits is not None and not missing:
+            try:
+                info = slot.get_mechanism_info(needed[0])
+                low, high = int(info.min_key_length), int(info.max_key_length)
+            except (p11.PKCS11Error, AttributeError, TypeError, ValueError):
+                low = high = 0
+            if high and not low <= bits <= high:
+                missing.append(f"{bits}-bit keys ({_mechanism_name(needed[0])} makes {low} to {high})")
+        if missing:
+            found[algorithm] = missing
+    return found, mechanisms
+
 
 # --------------------------------------------------------------------------- the module's function list
 
@@ -506,7 +548,12 @@ class Token:
         # Object handles are the application's, valid in every session; an entry is checked before use.
         self._index: dict[bytes, tuple[int, bool] | None] = {}
         self._public_ids: set[bytes] | None = None  # CKA_IDs of the public keys; None: not listed
+        #: algorithm -> what the token lacks for it (see :func:`lacking`), read at open
+        self.lacking: dict[str, list[str]] = {}
+        self._mechanisms: frozenset[int] | None = None
         self._index_lock = threading.Lock()
+        self._owners: dict[int, _Pooled] = {}  # session handle -> the pooled session that opened it
+        self._owners_lock = threading.Lock()
 
     def __repr__(self) -> str:
         state = f"open, {self._size} sessions" if self._pool is not None else "closed"
@@ -561,10 +608,14 @@ class Token:
                     raise HSMError("TokenNotFound", f"the token {self.token_label!r} is gone") from None
                 raise HSMError("DeviceError", f"opening sessions failed ({type(error).__name__})") from None
             pool: queue.Queue[_Pooled] = queue.Queue()
+            self._owners = {}
             for session in opened:
-                pool.put(_Pooled(session))
+                pooled = _Pooled(session)
+                self._own(pooled)
+                pool.put(pooled)
             self._token, self._module, self._size = token, module, size
             self._index, self._public_ids = self._read_index(opened[0])
+            self.lacking, self._mechanisms = lacking(token.slot)
             self._pool = pool
             with _modules_lock:
                 _open_tokens[self.module_path] = _open_tokens.get(self.module_path, 0) + 1
@@ -614,7 +665,10 @@ class Token:
                 if rv not in (_CKR_OK, _CKR_USER_NOT_LOGGED_IN):
                     logger.warning("C_Logout returned 0x%x", rv)
             self._logged_in_here = False
-            self._close_sessions([pooled.session for pooled in collected])
+            with self._owners_lock:
+                owners, self._owners = self._owners, {}
+            self._close_sessions([pooled.session for pooled in collected
+                                  if owners.get(pooled.session.handle) is pooled])
             self._token = None
 
     # ------------------------------------------------------------------ the pool
@@ -623,7 +677,14 @@ class Token:
         pool = self._pool
         if pool is None:
             raise HSMError("DeviceError", f"the token {self.token_label!r} is not open")
-        return pool, pool.get()
+        return pool, self._take(pool)
+
+    def _take(self, pool: queue.Queue[_Pooled]) -> _Pooled:
+        """A session from the pool, replaced first if it is known to be broken."""
+        pooled = pool.get()
+        if pooled.broken and self._pool is pool:
+            pooled = self._replace(pooled)
+        return pooled
 
     def _give_back(self, pool: queue.Queue[_Pooled], pooled: _Pooled) -> None:
         if pooled.broken and self._pool is pool:
@@ -638,7 +699,12 @@ class Token:
         handle after opening would then close the new session.
         """
         token, module = self._token, self._module
-        self._close_sessions([pooled.session])
+        with self._owners_lock:
+            owned = self._owners.get(pooled.session.handle) is pooled
+            if owned:
+                del self._owners[pooled.session.handle]
+        if owned:  # a handle another session has since been given is not this one's to close
+            self._close_sessions([pooled.session])
         try:
             session = token.open(rw=True)
         except (p11.PKCS11Error, AttributeError) as error:
@@ -652,7 +718,22 @@ class Token:
             self._close_sessions([session])
             return pooled
         logger.info("replaced a broken PKCS#11 session")
-        return _Pooled(session)
+        fresh = _Pooled(session)
+        self._own(fresh)
+        return fresh
+
+    def _own(self, pooled: _Pooled) -> None:
+        """Record ``pooled`` as its handle's session; a pooled session holding the same handle is stale.
+
+        A session closed behind the pool's back frees its handle, and a token
+        may give that handle to the next session it opens (openCryptoki does):
+        the stale entry must then be replaced, and must never close the handle.
+        """
+        with self._owners_lock:
+            previous = self._owners.get(pooled.session.handle)
+            if previous is not None and previous is not pooled:
+                previous.broken = True
+            self._owners[pooled.session.handle] = pooled
 
     def _failure(self, pooled: _Pooled, error: p11.PKCS11Error, operation: str,
                  handle: KeyHandle | None = None) -> HSMError:
@@ -782,6 +863,9 @@ class Token:
         """
         if algorithm not in ALGORITHMS:
             raise HSMError("InvalidRequest", f"unknown algorithm {algorithm!r}; use one of {', '.join(ALGORITHMS)}")
+        if algorithm in self.lacking:
+            raise HSMError("InvalidRequest", f"the token {self.token_label!r} cannot make {algorithm} keys: it lacks "
+                                             f"{', '.join(self.lacking[algorithm])}")
         public_template = {Attribute.TOKEN: True, Attribute.VERIFY: True, Attribute.ENCRYPT: False,
                            Attribute.WRAP: False}
         private_template = {Attribute.TOKEN: True, Attribute.PRIVATE: True, Attribute.SENSITIVE: True,
@@ -846,6 +930,9 @@ class Token:
             raise HSMError("InvalidRequest", f"a {digest_algorithm} digest is {length} bytes, not {size}")
         if rsa_padding not in RSA_PADDINGS:
             raise HSMError("InvalidRequest", f"unknown RSA padding {rsa_padding!r}; use pkcs1v15 or pss")
+        if rsa_padding == "pss" and self._mechanisms is not None and Mechanism.RSA_PKCS_PSS not in self._mechanisms:
+            raise HSMError("InvalidRequest", f"the token {self.token_label!r} lacks CKM_RSA_PKCS_PSS: RSA-PSS "
+                                             "signatures cannot be made with it")
         digest = bytes(digest)
         pool = self._pool
         if pool is None:
@@ -862,7 +949,7 @@ class Token:
             return module.sign(session, key, Mechanism.RSA_PKCS_PSS, digest,
                                _PssParams(*_PSS_PARAMS[digest_algorithm]))
 
-        pooled = pool.get()
+        pooled = self._take(pool)
         try:
             return self._with_private_key(pooled, handle, sign_with)
         except p11.PKCS11Error as error:
@@ -920,7 +1007,7 @@ class Token:
         pool = self._pool
         if pool is None:
             raise HSMError("DeviceError", f"the token {self.token_label!r} is not open")
-        pooled = pool.get()
+        pooled = self._take(pool)
         try:
             if pooled.audit_key is None:
                 found = self._find(pooled.session, AUDIT_KEY_ID, ObjectClass.SECRET_KEY)

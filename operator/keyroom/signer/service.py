@@ -208,6 +208,9 @@ class Signer:
                 self.metrics.token_up.set(1)
                 logger.info("PKCS#11 token %r is open with %d sessions", self.config.token_label,
                             self.config.sessions)
+                for algorithm, missing in self.token.lacking.items():
+                    logger.warning("the token cannot make %s keys: it lacks %s; SigningKeys of that algorithm "
+                                   "fail", algorithm, ", ".join(missing))
             except hsm.HSMError as error:
                 self.token_error = error
                 self.metrics.token_up.set(0)
@@ -266,7 +269,9 @@ class Signer:
         if self.token is not None and self.requests.error is not None:
             return _error(503, "AuditLogUnavailable", self.requests.error)
         if self.token is not None:
-            return web.json_response({"status": "ok", "token": self.config.token_label})
+            return web.json_response({"status": "ok", "token": self.config.token_label,
+                                      "algorithms": [a for a in hsm.ALGORITHMS if a not in self.token.lacking],
+                                      "lacking": self.token.lacking})
         error = self.token_error
         return _error(503, error.reason if error else "HSMUnavailable",
                       str(error) if error else "the PKCS#11 token is not open yet")
