@@ -219,7 +219,7 @@ spec: {{algorithm: ECDSA_P256}}
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rates", default="20,40,60,80,100,120,150",
+    parser.add_argument("--rates", default="20,30,40,50,60,80,100,120",
                         help="single-digest request rates to try in turn, per second")
     parser.add_argument("--seconds", type=float, default=60.0, help="how long to keep each rate")
     parser.add_argument("--batches", type=int, default=3, help="500-digest requests to time per algorithm")

@@ -368,6 +368,23 @@ def test_closed_token_refuses_calls(softhsm_token):
 # --------------------------------------------------------------------------- recovery
 
 
+def close_two_sessions_then_sign(token: hsm.Token, handle: hsm.KeyHandle, signatures: int) -> list[str]:
+    """Close two of the pool's four sessions behind its back, then sign: "ok" or the HSMError's reason, each."""
+    pooled = [token._pool.get() for _ in range(4)]
+    pooled[0].session.close()
+    pooled[1].session.close()
+    for item in pooled:
+        token._pool.put(item)
+    outcomes = []
+    for n in range(signatures):
+        try:
+            token.sign(handle, digest=hashlib.sha256(f"lost-{n}".encode()).digest(), digest_algorithm="SHA256")
+            outcomes.append("ok")
+        except hsm.HSMError as error:
+            outcomes.append(error.reason)
+    return outcomes
+
+
 def test_lost_sessions_and_login_are_recovered(softhsm_token):
     """A closed session or a lost login is reported as a retryable DeviceError (never KeyNotFound) and repaired."""
     recovering = hsm.Token(module_path=softhsm_token.module_path, token_label=PIN_TOKEN_LABEL, pin=PIN, sessions=4)
@@ -380,19 +397,8 @@ def test_lost_sessions_and_login_are_recovered(softhsm_token):
             recovering.sign(handle, digest=digest, digest_algorithm="SHA256")
 
         # Two sessions closed behind the pool's back (the next two borrowers get them).
-        pooled = [recovering._pool.get() for _ in range(4)]
-        pooled[0].session.close()
-        pooled[1].session.close()
-        for item in pooled:
-            recovering._pool.put(item)
-        outcomes = []
-        for _ in range(6):
-            try:
-                recovering.sign(handle, digest=digest, digest_algorithm="SHA256")
-                outcomes.append("ok")
-            except hsm.HSMError as error:
-                outcomes.append(error.reason)
-        assert outcomes == ["DeviceError", "DeviceError", "ok", "ok", "ok", "ok"]
+        assert close_two_sessions_then_sign(recovering, handle, 6) == ["DeviceError", "DeviceError", "ok", "ok",
+                                                                       "ok", "ok"]
 
         # The login lost (as when an HSM restarts): private keys become invisible, which must not read as gone.
         pooled = [recovering._pool.get() for _ in range(4)]

@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives.asymmetric import padding, utils
 
 from keyroom.signer import hsm
 from tests import opencryptoki
+from tests.integration.test_hsm import close_two_sessions_then_sign
 
 pytestmark = pytest.mark.integration
 
@@ -77,34 +78,26 @@ def test_rsa_keys_are_made_inside_and_sign_pkcs1_and_pss(token, algorithm):
     assert error.value.reason == "KeyNotFound"
 
 
-def test_eight_threads_sign_over_four_sessions(token, rsa_key):
-    handle, public = rsa_key
-
+def _sign_from_threads(token, handle, public, tag: str) -> int:
+    """Signatures from 8 threads, 40 each, every one verified; how many verified."""
     def worker(index: int) -> int:
         for n in range(40):
-            digest = hashlib.sha256(f"{index}-{n}".encode()).digest()
+            digest = hashlib.sha256(f"{tag}-{index}-{n}".encode()).digest()
             public.verify(token.sign(handle, digest=digest, digest_algorithm="SHA256"), digest,
                           padding.PKCS1v15(), utils.Prehashed(hashes.SHA256()))
         return 40
 
     with concurrent.futures.ThreadPoolExecutor(max_workers=8) as pool:
-        assert sum(pool.map(worker, range(8))) == 320
+        return sum(pool.map(worker, range(8)))
+
+
+def test_eight_threads_sign_over_four_sessions(token, rsa_key):
+    assert _sign_from_threads(token, *rsa_key, "threads") == 320
 
 
 def test_sessions_closed_behind_the_pool_are_replaced_without_closing_their_successors(token, rsa_key):
     handle, public = rsa_key
-    pooled = [token._pool.get() for _ in range(4)]
-    pooled[0].session.close()
-    pooled[1].session.close()
-    for item in pooled:
-        token._pool.put(item)
-    outcomes = []
-    for n in range(6):
-        try:
-            token.sign(handle, digest=hashlib.sha256(f"lost-{n}".encode()).digest(), digest_algorithm="SHA256")
-            outcomes.append("ok")
-        except hsm.HSMError as error:
-            outcomes.append(error.reason)
+    outcomes = close_two_sessions_then_sign(token, handle, 6)
     # each closed session fails one call at most (a retryable DeviceError), and is replaced; a replacement may get
     # the other closed session's handle back, which must then retire that entry rather than share the session
     assert outcomes in (["DeviceError", "DeviceError", "ok", "ok", "ok", "ok"],
@@ -114,13 +107,4 @@ def test_sessions_closed_behind_the_pool_are_replaced_without_closing_their_succ
         token._pool.put(item)
     live = [item for item in pooled if not item.broken]
     assert len({item.session.handle for item in live}) == len(live)  # no session shared by two entries
-
-    def worker(index: int) -> int:
-        for n in range(40):
-            digest = hashlib.sha256(f"after-{index}-{n}".encode()).digest()
-            public.verify(token.sign(handle, digest=digest, digest_algorithm="SHA256"), digest,
-                          padding.PKCS1v15(), utils.Prehashed(hashes.SHA256()))
-        return 40
-
-    with concurrent.futures.ThreadPoolExecutor(max_workers=8) as pool:  # every replacement session works
-        assert sum(pool.map(worker, range(8))) == 320
+    assert _sign_from_threads(token, handle, public, "after") == 320  # every replacement session works

@@ -187,6 +187,16 @@ class _Supervisor:
                           f"Last lines of its log:\n{_log_tail(self.logs / (name + '.log'))}")
 
 
+def _gone(process: dict) -> bool:
+    """Whether the recorded process ended within the stop timeout (reaping it if it is our child)."""
+    deadline = time.monotonic() + _STOP_TIMEOUT
+    while _alive(process) and time.monotonic() < deadline:
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(process["pid"], os.WNOHANG)
+        time.sleep(0.05)
+    return not _alive(process)
+
+
 def _stop_processes(processes: dict[str, dict], log: Log) -> None:
     # Reverse start order: the operator before the API server before etcd.
     for name in reversed(list(processes)):
@@ -195,12 +205,7 @@ def _stop_processes(processes: dict[str, dict], log: Log) -> None:
             continue
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process["pid"], signal.SIGTERM)
-        deadline = time.monotonic() + _STOP_TIMEOUT
-        while _alive(process) and time.monotonic() < deadline:
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(process["pid"], os.WNOHANG)
-            time.sleep(0.05)
-        if _alive(process):
+        if not _gone(process):
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(process["pid"], signal.SIGKILL)
             log(f"{name} (pid {process['pid']}) did not stop within {_STOP_TIMEOUT:.0f}s; killed it")
@@ -578,12 +583,7 @@ def restart_process(environment: Environment, name: str, *, kill: bool = True, l
         if _alive(process):
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(process["pid"], signal.SIGKILL)
-        deadline = time.monotonic() + _STOP_TIMEOUT
-        while _alive(process) and time.monotonic() < deadline:
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(process["pid"], os.WNOHANG)
-            time.sleep(0.05)
-        if _alive(process):
+        if not _gone(process):
             raise DevEnvError(f"{name} (pid {process['pid']}) did not die of SIGKILL within {_STOP_TIMEOUT:.0f}s")
     else:
         _stop_processes({name: process}, log)
