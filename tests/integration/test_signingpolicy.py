@@ -98,3 +98,26 @@ def test_the_operator_posts_an_event(cluster, unique):
     wait_for(lambda: key in kubectl(cluster, "get", "events", "-n", NAMESPACE,
                                     f"--field-selector=involvedObject.name={name}").stdout,
              what="an event naming the selected key")
+
+
+def test_keys_applied_at_once_update_the_policy_a_few_times_not_once_per_key_event(cluster, unique):
+    """Forty keys in one apply (each then generated and made Ready, several events each): the policy's status
+    and its KeysSelected Events follow in a few passes, not one per key event."""
+    import json
+
+    team = unique("team")
+    name = unique("policy")
+    assert apply(cluster, _policy(name, {"keySelector": {"matchLabels": {"team": team}}})).returncode == 0
+    wait_for(lambda: _ready(_status(cluster, name)), what="the policy to be reconciled")
+    keys = [unique("flood") for _ in range(40)]
+    import yaml
+    assert apply(cluster, yaml.safe_dump_all([_key(key, {"team": team}) for key in keys])).returncode == 0
+    wait_for(lambda: _status(cluster, name).get("matchedKeyCount") == 40, timeout=60,
+             what="the policy to count all forty keys")
+    wait_for(lambda: all(get(cluster, "signingkey", key, namespace=NAMESPACE).get("status", {}).get("phase")
+                         == "Active" for key in keys), timeout=120, what="every key to be Active")
+    events = json.loads(kubectl(cluster, "get", "events", "-n", NAMESPACE, "-o", "json",
+                                f"--field-selector=involvedObject.name={name}").stdout)["items"]
+    selected = sum(e.get("count") or 1 for e in events if e["reason"] == "KeysSelected")
+    assert 1 <= selected <= 12, f"{selected} KeysSelected events for 40 keys"
+    assert _status(cluster, name)["matchedKeys"] == sorted(keys)

@@ -2,14 +2,18 @@
 
 The reconcile is level-based and cheap: the status is computed from the policy
 and the namespace's keys (kept in a Kopf index) and written only when it
-differs. It runs on every policy event and on every key event of the
-namespace (a new or relabelled key changes what a policy selects); each
-re-list after a watch ends brings every policy round again as a safety net.
+differs. It runs on every policy event, and after key events of the
+namespace (a new or relabelled key changes what a policy selects): the key
+events of ``SETTLE_SECONDS`` are taken together, so a thousand keys applied at
+once cost a few status writes and Events, not thousands. Each re-list after a
+watch ends brings every policy round again as a safety net.
 No finalizer and no bookkeeping annotation is needed (a Kopf timer would add
 a finalizer, so there is none).
 """
 from __future__ import annotations
 
+import asyncio
+import logging
 from typing import Any, Mapping
 
 import kopf
@@ -29,6 +33,11 @@ def policies_by_namespace(namespace: str, body: kopf.Body, **_: Any) -> dict:
     return {namespace: {"apiVersion": body["apiVersion"], "kind": body["kind"], "metadata": dict(body["metadata"]), "spec": dict(body.get("spec") or {}),
                         "status": dict(body.get("status") or {})}}
 
+
+logger = logging.getLogger(__name__)
+
+#: key events within this many seconds of the first are reconciled together, once per namespace
+SETTLE_SECONDS = 1.0
 
 #: at most this many key names in status.matchedKeys (a policy may select thousands; status.matchedKeyCount counts all)
 MATCHED_KEYS_LISTED = 100
@@ -84,15 +93,39 @@ async def policy_changed(event: Mapping, body: kopf.Body, spec: Mapping, status:
                      namespace=namespace, keys=list(keys_by_namespace.get(namespace, [])))
 
 
+@kopf.on.startup()
+def setup_policies(memo: kopf.Memo, **_: Any) -> None:
+    memo.policy_passes = {}  # namespace -> the pending pass over its policies
+    memo.policy_tasks = set()  # the passes running (the event loop keeps only weak references to tasks)
+
+
 @kopf.on.event(GROUP, VERSION, "signingkeys")
-async def key_changed(namespace: str, policies_by_namespace: kopf.Index, keys_by_namespace: kopf.Index,
-                      **_: Any) -> None:
-    keys = list(keys_by_namespace.get(namespace, []))
-    for body in list(policies_by_namespace.get(namespace, [])):
-        if body["metadata"].get("deletionTimestamp"):
-            continue
-        await _reconcile(body=body, spec=body["spec"], status=body["status"],
-                         generation=body["metadata"]["generation"], namespace=namespace, keys=keys)
+async def key_changed(namespace: str, memo: kopf.Memo, policies_by_namespace: kopf.Index,
+                      keys_by_namespace: kopf.Index, **_: Any) -> None:
+    """Reconcile the namespace's policies once the key events of the next moment are in (one pass for all)."""
+    passes: dict[str, asyncio.Task] = memo.policy_passes
+    if namespace in passes:
+        return  # the pending pass reads the indexes when it runs: it sees this event too
+
+    async def reconcile_policies() -> None:
+        try:
+            await asyncio.sleep(SETTLE_SECONDS)
+        finally:
+            passes.pop(namespace, None)  # events from now on schedule another pass
+        keys = list(keys_by_namespace.get(namespace, []))
+        for body in list(policies_by_namespace.get(namespace, [])):
+            if body["metadata"].get("deletionTimestamp"):
+                continue
+            try:
+                await _reconcile(body=body, spec=body["spec"], status=body["status"],
+                                 generation=body["metadata"]["generation"], namespace=namespace, keys=keys)
+            except Exception:  # the next key or policy event, or the re-list, tries again
+                logger.exception("cannot update the status of policy %s/%s", namespace, body["metadata"]["name"])
+
+    task = asyncio.create_task(reconcile_policies())
+    passes[namespace] = task
+    memo.policy_tasks.add(task)
+    task.add_done_callback(memo.policy_tasks.discard)
 
 
 async def _reconcile(*, body: Mapping, spec: Mapping, status: Mapping, generation: int, namespace: str,
