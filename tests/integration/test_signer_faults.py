@@ -1,8 +1,8 @@
 """HSM faults seen from a running signer: a clear reason on /healthz, no crash, recovery once the fault is fixed.
 
 Each test starts a second signer process of its own (its own SoftHSM2
-configuration and state directory, the environment's TLS files and signer
-kubeconfig) and watches ``/healthz``, which is what the chart's readiness probe
+configuration, state directory and audit checkpoint namespace, the
+environment's TLS files and signer identity) and watches ``/healthz``, which is what the chart's readiness probe
 reads. The signer keeps running through every fault (its liveness is its
 port), so a fault is reported, never restarted in a loop.
 """
@@ -20,18 +20,37 @@ import urllib.request
 
 import pytest
 
+from keyroom.api import rbac
 from keyroom.signer import softhsm
-from tests.conftest import wait_for
+from tests.conftest import apply, kubectl, wait_for
 
 pytestmark = pytest.mark.integration
 
 PIN, SO_PIN = "fault-user-pin-4b1e", "fault-so-pin-77c3"
 
 
+@pytest.fixture
+def checkpoint_namespace(cluster, unique) -> str:
+    """A namespace where the signer's identity keeps the second signer's audit checkpoint (the environment's
+    signer has its own in keyroom-system, which a new audit log would not match)."""
+    namespace = unique("signer-faults")
+    assert kubectl(cluster, "create", "namespace", namespace).returncode == 0
+    binding = {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+               "metadata": {"name": rbac.SIGNER, "namespace": namespace},
+               "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": rbac.SIGNER},
+               "subjects": [{"kind": "ServiceAccount", "name": rbac.SIGNER, "namespace": "keyroom-system"}]}
+    for document in (rbac.signer_role(namespace), binding):
+        created = apply(cluster, document)
+        assert created.returncode == 0, created.stderr
+    yield namespace
+    kubectl(cluster, "delete", "namespace", namespace, "--wait=false")
+
+
 class SecondSigner:
     """A signer process on ``hsm_dir``'s SoftHSM2 configuration, its health read over HTTPS."""
 
-    def __init__(self, cluster, tmp_path: pathlib.Path, hsm_dir: pathlib.Path, **overrides: str) -> None:
+    def __init__(self, cluster, tmp_path: pathlib.Path, hsm_dir: pathlib.Path, namespace: str,
+                 **overrides: str) -> None:
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
             self.port = probe.getsockname()[1]
@@ -41,7 +60,7 @@ class SecondSigner:
                    KEYROOM_SIGNER_TLS_CERT=str(cluster.state_dir / "pki" / "signer.crt"),
                    KEYROOM_SIGNER_TLS_KEY=str(cluster.state_dir / "pki" / "signer.key"),
                    KEYROOM_SIGNER_STATE_DIR=str(tmp_path / "state"), KUBECONFIG=str(cluster.kubeconfig("signer")),
-                   **overrides)
+                   KEYROOM_SIGNER_NAMESPACE=namespace, **overrides)
         env.pop("KEYROOM_PIN", None)
         self.log = tmp_path / "signer.log"
         with open(self.log, "wb") as output:
@@ -80,10 +99,10 @@ class SecondSigner:
         self.process.wait(timeout=10)
 
 
-def test_a_token_that_appears_later_is_opened_without_a_restart(cluster, tmp_path):
+def test_a_token_that_appears_later_is_opened_without_a_restart(cluster, tmp_path, checkpoint_namespace):
     hsm_dir = tmp_path / "hsm"
     softhsm.write_config(hsm_dir)  # SoftHSM2 configured, but no token labelled "faults" yet
-    signer = SecondSigner(cluster, tmp_path, hsm_dir)
+    signer = SecondSigner(cluster, tmp_path, hsm_dir, checkpoint_namespace)
     try:
         missing = signer.reason("TokenNotFound")
         assert missing["http"] == 503 and "faults" in missing["message"]
@@ -97,10 +116,11 @@ def test_a_token_that_appears_later_is_opened_without_a_restart(cluster, tmp_pat
     assert PIN not in signer.log.read_text()
 
 
-def test_a_wrong_module_path_is_reported_and_the_signer_keeps_running(cluster, tmp_path):
+def test_a_wrong_module_path_is_reported_and_the_signer_keeps_running(cluster, tmp_path, checkpoint_namespace):
     hsm_dir = tmp_path / "hsm"
     softhsm.init_token(hsm_dir, label="faults", pin=PIN, so_pin=SO_PIN)
-    signer = SecondSigner(cluster, tmp_path, hsm_dir, KEYROOM_PKCS11_MODULE=str(tmp_path / "no-such-module.so"))
+    signer = SecondSigner(cluster, tmp_path, hsm_dir, checkpoint_namespace,
+                          KEYROOM_PKCS11_MODULE=str(tmp_path / "no-such-module.so"))
     try:
         answer = signer.reason("ModuleNotFound")
         assert answer["http"] == 503 and "no-such-module.so" in answer["message"]
@@ -109,12 +129,13 @@ def test_a_wrong_module_path_is_reported_and_the_signer_keeps_running(cluster, t
         signer.stop()
 
 
-def test_a_token_removed_under_a_running_signer_is_a_clear_refusal_not_a_crash(cluster, tmp_path):
+def test_a_token_removed_under_a_running_signer_is_a_clear_refusal_not_a_crash(cluster, tmp_path,
+                                                                                checkpoint_namespace):
     from tests.integration.test_signingkey import _token
 
     hsm_dir = tmp_path / "hsm"
     softhsm.init_token(hsm_dir, label="faults", pin=PIN, so_pin=SO_PIN)
-    signer = SecondSigner(cluster, tmp_path, hsm_dir)
+    signer = SecondSigner(cluster, tmp_path, hsm_dir, checkpoint_namespace)
     token = _token(cluster, "keyroom-operator", "keyroom-signer")
     try:
         wait_for(lambda: (h := signer.health()) and h["http"] == 200, timeout=40, what="the signer to be healthy")
