@@ -124,6 +124,19 @@ def _run_load(cluster, load: Load, rng: random.Random, started: float) -> list[t
     approvals: queue.Queue = queue.Queue()
     delays = {name: rng.uniform(0, 1.0) for name in load.names}
 
+    def on_schedule(due: float, name: str, action, api) -> bool:
+        """``action`` for ``name`` at ``due`` (the load's schedule) unless the load was aborted; whether it
+        succeeded (a failure is recorded)."""
+        if load.abort.is_set():
+            return False
+        time.sleep(max(0.0, due - time.monotonic()))
+        try:
+            action(load, api, name, deadline=time.monotonic() + 120)
+        except AssertionError as error:
+            load.errors.append(f"{name}: {error}")
+            return False
+        return True
+
     def creator() -> None:
         api = _api(cluster, "alice")
         while True:
@@ -131,34 +144,16 @@ def _run_load(cluster, load: Load, rng: random.Random, started: float) -> list[t
                 due, name = work.get_nowait()
             except queue.Empty:
                 return
-            if load.abort.is_set():
-                continue
-            time.sleep(max(0.0, due - time.monotonic()))  # the load's schedule
-            try:
-                _create(load, api, name, deadline=time.monotonic() + 120)
-            except AssertionError as error:
-                load.errors.append(f"{name}: {error}")
-                continue
-            load.created[name] = time.monotonic()
-            if name not in load.unapproved:
-                approvals.put((time.monotonic() + delays[name], name))
+            if on_schedule(due, name, _create, api):
+                load.created[name] = time.monotonic()
+                if name not in load.unapproved:
+                    approvals.put((time.monotonic() + delays[name], name))
 
     def approver() -> None:
         api = _api(cluster, "bob")
-        while True:
-            item = approvals.get()
-            if item is None:
-                return
-            due, name = item
-            if load.abort.is_set():
-                continue
-            time.sleep(max(0.0, due - time.monotonic()))  # "soon after creation"
-            try:
-                _approve(load, api, name, deadline=time.monotonic() + 120)
-            except AssertionError as error:
-                load.errors.append(f"{name}: {error}")
-                continue
-            load.approved[name] = time.monotonic()
+        while (item := approvals.get()) is not None:
+            if on_schedule(*item, _approve, api):  # "soon after creation"
+                load.approved[item[1]] = time.monotonic()
 
     creators = [threading.Thread(target=creator, daemon=True) for _ in range(CREATORS)]
     approvers = [threading.Thread(target=approver, daemon=True) for _ in range(APPROVERS)]

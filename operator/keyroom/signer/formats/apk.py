@@ -186,6 +186,15 @@ class _Reader:
             items.append(inner.prefixed())
         return items
 
+    def pairs(self, what: str, item: str) -> list[tuple[int, bytes]]:
+        """A prefixed sequence of (uint32, prefixed value) entries, each read strictly (an entry is ``item``)."""
+        found = []
+        for raw in self.sequence(what):
+            entry = _Reader(raw, item)
+            found.append((entry.uint32(), entry.prefixed()))
+            entry.end()
+        return found
+
     def end(self) -> None:
         if self.position != len(self.data):
             raise FormatError(f"{self.what} has {len(self.data) - self.position} bytes after its last field")
@@ -215,11 +224,7 @@ def parse_signed_data(scheme: str, data: bytes) -> SignedData:
     if len(data) > MAX_SIGNED_DATA:
         raise FormatError(f"the {scheme} signed data is {len(data)} bytes; at most {MAX_SIGNED_DATA} are accepted")
     reader = _Reader(data, f"the {scheme} signed data")
-    digests = []
-    for item in reader.sequence("digests"):
-        entry = _Reader(item, f"a {scheme} digest")
-        digests.append((entry.uint32(), entry.prefixed()))
-        entry.end()
+    digests = reader.pairs("digests", f"a {scheme} digest")
     certificates = tuple(reader.sequence("certificates"))
     min_sdk = max_sdk = None
     if scheme == "v3":
@@ -368,11 +373,7 @@ def signers(scheme: str, value: bytes) -> list[Signer]:
         min_sdk = max_sdk = None
         if scheme == "v3":
             min_sdk, max_sdk = reader.uint32(), reader.uint32()
-        signatures = []
-        for item in reader.sequence("signatures"):
-            entry = _Reader(item, f"a {scheme} signature")
-            signatures.append((entry.uint32(), entry.prefixed()))
-            entry.end()
+        signatures = reader.pairs("signatures", f"a {scheme} signature")
         public_key = reader.prefixed()
         reader.end()
         found.append(Signer(signed_data=signed, signatures=tuple(signatures), public_key=public_key,
