@@ -119,5 +119,6 @@ def test_keys_applied_at_once_update_the_policy_a_few_times_not_once_per_key_eve
     events = json.loads(kubectl(cluster, "get", "events", "-n", NAMESPACE, "-o", "json",
                                 f"--field-selector=involvedObject.name={name}").stdout)["items"]
     selected = sum(e.get("count") or 1 for e in events if e["reason"] == "KeysSelected")
-    assert 1 <= selected <= 12, f"{selected} KeysSelected events for 40 keys"
+    # one per key event would be several per key (261 measured); a loaded machine takes a few more passes
+    assert 1 <= selected <= 20, f"{selected} KeysSelected events for 40 keys"
     assert _status(cluster, name)["matchedKeys"] == sorted(keys)
