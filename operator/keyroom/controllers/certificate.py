@@ -1,14 +1,15 @@
 """The Certificate reconciler: a mirror of the signer's record, and the publisher of public material.
 
-Like SigningKeys, each Certificate has one Kopf daemon that names it to the
-signer ("reconcile team-a/release-cert, uid U"). The signer reads the spec,
-the key, the CA and the policies itself, issues, renews, revokes and
-publishes CRLs (:mod:`keyroom.signer.issuing`) and answers with its record.
-The daemon writes that into status with conditions and events, publishes the
-certificate into the Secret ``spec.secretName`` (``tls.crt``: the certificate
-and the CAs above it, ``ca.crt``: the root) and a CA's CRL into the ConfigMap
-``<name>-crl``, then sleeps until the next renewal, CRL refresh or expiry, or
-until the Certificate, its key or its CA changes.
+Like SigningKeys, a pass over a Certificate (one scheduler for all of them:
+:class:`keyroom.controllers.daemon.Scheduler`) names it to the signer
+("reconcile team-a/release-cert, uid U"). The signer reads the spec, the key,
+the CA and the policies itself, issues, renews, revokes and publishes CRLs
+(:mod:`keyroom.signer.issuing`) and answers with its record. The pass writes
+that into status with conditions and events, publishes the certificate into
+the Secret ``spec.secretName`` (``tls.crt``: the certificate and the CAs above
+it, ``ca.crt``: the root) and a CA's CRL into the ConfigMap ``<name>-crl``; the
+next pass comes at the next renewal, CRL refresh or expiry, or when the
+Certificate, its key or its CA changes.
 """
 from __future__ import annotations
 
@@ -29,6 +30,10 @@ from keyroom.signer.client import SignerClient, SignerError
 _MAX_BACKOFF = 60.0
 #: when a status computed from a stale body was refused, the next pass at the latest
 _STALE_RETRY = datetime.timedelta(seconds=5)
+#: failures only a change of the object fixes: its next pass waits for that change. Every other failure is
+#: asked about again (1 s doubling to a minute), also the Stalled ones: a PIN, a token or RBAC fixed elsewhere
+#: ends them without a change to the object.
+_FIXED_BY_A_CHANGE = {"CertificateMismatch", "InvalidRequest"}
 #: signer failures that only a change of configuration fixes
 _STALLING = {"SignerUnauthenticated", "SignerForbidden", "SignerNotConfigured", "CertificateMismatch",
              "InvalidRequest", "PinIncorrect", "PinLocked", "TokenNotFound", "ModuleNotFound"}
@@ -245,7 +250,7 @@ async def reconcile(*, body: Mapping, signer: SignerClient | None, at: datetime.
             await kube.patch_status(plural="certificates", namespace=meta["namespace"], name=meta["name"],
                                     status=patch, resource_version=meta.get("resourceVersion"))
         except kube.Conflict:
-            # Computed from a body that is no longer current: the newer version's event wakes this daemon again.
+            # Computed from a body that is no longer current: the newer version's event brings another pass.
             return at + _STALE_RETRY, record
         for kind, reason, message in events(status, desired):
             (kopf.warn if kind == "Warning" else kopf.info)(body, reason=reason, message=message)
@@ -261,57 +266,50 @@ def _api_message(failure: kubernetes.client.ApiException) -> str:
         return str(failure.reason)
 
 
-# ---------------------------------------------------------------- the daemon and its wake-ups
+# ---------------------------------------------------------------- the passes and their wake-ups
 
 @kopf.on.startup()
-def setup_certificates(memo: kopf.Memo, **_: Any) -> None:
-    #: (namespace, name) -> (wake-up event, the spec last seen), shared by every Certificate's daemon
-    memo.certificates = {}
+async def setup_certificates(memo: kopf.Memo, settings: kopf.OperatorSettings, **_: Any) -> None:
+    #: namespace -> name -> (its key's name, its CA's name or None, what of it the signer acts on)
+    memo.certificate_refs = {}
+
+    async def one_pass(body: dict) -> datetime.datetime | None:
+        return await _pass(body, memo=memo, settings=settings)
+    memo.certificates = daemon.Scheduler("certificate", one_pass, max_backoff=_MAX_BACKOFF)
+
+
+@kopf.on.cleanup()
+async def stop_certificates(memo: kopf.Memo, **_: Any) -> None:
+    await memo.certificates.stop()
 
 
 def _wake(memo: kopf.Memo, namespace: str, *, key: str | None = None, ca: str | None = None,
           name: str | None = None) -> None:
-    for (ns, other), (event, spec, _) in list(memo.get("certificates", {}).items()):
-        if ns != namespace:
-            continue
-        if (name is not None and other == name) or (key is not None and spec["keyRef"]["name"] == key) or \
-                (ca is not None and ((spec.get("issuerRef") or {}).get("ca") or {}).get("name") == ca):
-            event.set()
+    for other, (key_name, ca_name, _) in list(memo.certificate_refs.get(namespace, {}).items()):
+        if (name is not None and other == name) or (key is not None and key_name == key) or \
+                (ca is not None and ca_name == ca):
+            memo.certificates.wake((namespace, other))
 
 
-@kopf.daemon(GROUP, VERSION, "certificates", cancellation_timeout=30)
-async def keep_certificate(body: kopf.Body, memo: kopf.Memo, stopped: kopf.DaemonStopped, logger: Any,
-                           **_: Any) -> None:
+async def _pass(body: dict, *, memo: kopf.Memo, settings: kopf.OperatorSettings) -> datetime.datetime | None:
+    """One scheduled pass over one Certificate (see :class:`keyroom.controllers.daemon.Scheduler`)."""
     meta = body["metadata"]
-    place = (meta["namespace"], meta["name"])
-    wakeup = asyncio.Event()
-    registry = memo.setdefault("certificates", {})
-    registry[place] = (wakeup, body["spec"], _seen(body))
-    await daemon.write_first_status(plural="certificates", body=body, message="asking the signer for the certificate")
-    backoff = 1.0
+    body = await daemon.write_first_status(plural="certificates", body=body,
+                                           message="asking the signer for the certificate")
+    revision = (body.get("status") or {}).get("revision", 0)
     try:
-        while not stopped:
-            wakeup.clear()
-            registry[place] = (wakeup, body["spec"], _seen(body))
-            revision = (body.get("status") or {}).get("revision", 0)
-            try:
-                due, record = await reconcile(body=body, signer=memo.get("signer"), at=now(), logger=logger)
-                backoff = 1.0
-                seconds = None if due is None else max(0.0, (due - now()).total_seconds())
-                if record is not None and (record.get("revision", 0) != revision or record.get("crl")):
-                    if body["spec"].get("isCA"):
-                        _wake(memo, meta["namespace"], ca=meta["name"])  # its certificates follow a new CA cert
-                if record is not None and record.get("revoked"):
-                    issuer = (body["spec"].get("issuerRef") or {}).get("ca")
-                    if issuer:
-                        _wake(memo, meta["namespace"], name=issuer["name"])  # its CA shows the new CRL
-            except SignerError as error:
-                seconds = None if error.reason in _STALLING else backoff
-                backoff = min(backoff * 2, _MAX_BACKOFF)
-            await daemon.sleep(stopped, wakeup, seconds)
-    finally:
-        if registry.get(place, (None,))[0] is wakeup:
-            registry.pop(place, None)
+        due, record = await reconcile(body=body, signer=memo.get("signer"), at=now(),
+                                      logger=kopf.ObjectLogger(body=kopf.Body(body), settings=settings))
+    except SignerError as error:
+        raise (daemon.Stalled if error.reason in _FIXED_BY_A_CHANGE else daemon.Retry)(str(error)) from None
+    if record is not None and (record.get("revision", 0) != revision or record.get("crl")):
+        if body["spec"].get("isCA"):
+            _wake(memo, meta["namespace"], ca=meta["name"])  # its certificates follow a new CA cert
+    if record is not None and record.get("revoked"):
+        issuer = (body["spec"].get("issuerRef") or {}).get("ca")
+        if issuer:
+            _wake(memo, meta["namespace"], name=issuer["name"])  # its CA shows the new CRL
+    return due
 
 
 def _seen(body: Mapping) -> tuple:
@@ -322,11 +320,26 @@ def _seen(body: Mapping) -> tuple:
 
 
 @kopf.on.event(GROUP, VERSION, "certificates")
-async def certificate_changed(body: kopf.Body, namespace: str, name: str, memo: kopf.Memo, **_: Any) -> None:
-    known = memo.get("certificates", {}).get((namespace, name))
-    if known is not None and known[2] == _seen(body):
-        return  # a status write (the daemon's own): nothing the signer acts on changed
-    _wake(memo, namespace, name=name, ca=name)
+async def certificate_changed(body: kopf.Body, type: str | None, namespace: str, name: str, memo: kopf.Memo,
+                              **_: Any) -> None:
+    # async on purpose: Kopf runs plain functions in worker threads, and the scheduler is not thread-safe
+    place = (namespace, name)
+    refs = memo.certificate_refs.setdefault(namespace, {})
+    if type == "DELETED" or body["metadata"].get("deletionTimestamp"):
+        memo.certificates.forget(place)
+        refs.pop(name, None)
+        if not refs:
+            del memo.certificate_refs[namespace]
+        _wake(memo, namespace, ca=name)  # the certificates a deleted CA issued show it
+        return
+    known = refs.get(name)
+    seen = _seen(body)
+    refs[name] = (body["spec"]["keyRef"]["name"], ((body["spec"].get("issuerRef") or {}).get("ca") or {}).get("name"),
+                  seen)
+    # a status write (a pass's own) changes nothing the signer acts on: the body is kept, no pass follows
+    memo.certificates.seen(body, wake=known is None or known[2] != seen)
+    if known is None or known[2] != seen:
+        _wake(memo, namespace, ca=name)  # the certificates a CA issued follow its changes
 
 
 @kopf.on.event(GROUP, VERSION, "signingkeys")

@@ -1,27 +1,205 @@
-"""What the per-object daemons (SigningKeys, Certificates) share: sleeping until the clock or a change wakes them."""
+"""What the per-object reconcilers of SigningKeys and Certificates share.
+
+Each object needs a pass now and then: when it changes, when something it
+depends on changes, and at moments its own record names (a window edge, a
+renewal, a destruction falling due). One Kopf daemon per object did that with
+an asyncio task, a stopper and a live body per object, about 100 KiB each:
+10,000 keys would have needed a gigabyte. :class:`Scheduler` does it for a
+whole kind with one task: the last body seen of each object (compact JSON),
+a heap of due times, and a bounded number of passes in flight, which is also
+the backpressure on the signer (a flood of new keys queues here instead of
+timing out there). An object is never in two passes at once; a change seen
+during a pass runs one more pass after it.
+"""
 from __future__ import annotations
 
 import asyncio
-from typing import Mapping
+import datetime
+import heapq
+import itertools
+import json
+import logging
+import time
+from typing import Awaitable, Callable, Mapping
 
-import kopf
+import kubernetes
+import urllib3
 
 from keyroom import conditions
 from keyroom.controllers import kube
 
+logger = logging.getLogger("keyroom.scheduler")
 
-async def sleep(stopped: kopf.DaemonStopped, wakeup: asyncio.Event, seconds: float | None) -> None:
-    """Sleep ``seconds`` (None: until woken), or less when the daemon is stopped or ``wakeup`` is set."""
-    waiters = [asyncio.ensure_future(stopped.wait()), asyncio.ensure_future(wakeup.wait())]
-    try:
-        await asyncio.wait(waiters, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for waiter in waiters:
-            waiter.cancel()
+Key = tuple[str, str]  # (namespace, name)
+#: one pass over an object: returns the wall-clock moment of its next pass (None: only when woken)
+Reconcile = Callable[[dict], Awaitable["datetime.datetime | None"]]
 
 
-async def write_first_status(*, plural: str, body: kopf.Body, message: str) -> None:
+class Retry(Exception):
+    """A pass failed in a way that passes by itself: the scheduler tries again after a growing delay."""
+
+
+class Stalled(Exception):
+    """A pass failed in a way only a change fixes: the next pass waits for a wake-up."""
+
+
+class Scheduler:
+    """Passes over the objects of one kind, each when woken or when its due time comes.
+
+    ``reconcile(body)`` does one pass; it returns when the next is due by the
+    clock, raises :class:`Retry` for a backoff (1 s doubling to ``max_backoff``)
+    or :class:`Stalled` to wait for a change. Any other exception is logged and
+    retried like :class:`Retry`, so one bad object never stops the others.
+    """
+
+    def __init__(self, kind: str, reconcile: Reconcile, *, concurrency: int = 16,
+                 max_backoff: float = 60.0) -> None:
+        self.kind = kind
+        self._reconcile = reconcile
+        self._concurrency = concurrency
+        self._max_backoff = max_backoff
+        self._bodies: dict[Key, bytes] = {}
+        self._due: dict[Key, float] = {}  # monotonic moment of the next pass, for objects not in a pass
+        self._heap: list[tuple[float, int, Key]] = []
+        self._order = itertools.count()
+        self._running: set[Key] = set()
+        self._again: set[Key] = set()  # woken during their pass
+        self._backoff: dict[Key, float] = {}
+        self._changed = asyncio.Event()
+        self._task: asyncio.Task | None = None
+        self._passes: set[asyncio.Task] = set()
+
+    # ------------------------------------------------------------------ what the event handlers call
+
+    def seen(self, body: Mapping, *, wake: bool = True) -> None:
+        """Keep ``body`` (the newest version of an object) as the one its next pass reads; wake it unless told not to."""
+        meta = body["metadata"]
+        slim = {"apiVersion": body.get("apiVersion"), "kind": body.get("kind"),
+                "metadata": {k: v for k, v in meta.items() if k != "managedFields"},
+                "spec": body.get("spec") or {}, "status": body.get("status") or {}}
+        self._bodies[(meta["namespace"], meta["name"])] = json.dumps(slim, separators=(",", ":"),
+                                                                    default=dict).encode()
+        if self._task is None:
+            self.start()
+        if wake:
+            self.wake((meta["namespace"], meta["name"]))
+
+    def forget(self, key: Key) -> None:
+        """The object is gone (or being deleted): no more passes; one in flight finishes and is not repeated."""
+        self._bodies.pop(key, None)
+        self._due.pop(key, None)
+        self._again.discard(key)
+        self._backoff.pop(key, None)
+
+    def wake(self, key: Key) -> None:
+        """A pass over ``key`` as soon as possible (after the one in flight, if any); wake-ups coalesce."""
+        if key not in self._bodies:
+            return
+        if key in self._running:
+            self._again.add(key)
+        else:
+            self._schedule(key, time.monotonic())
+
+    def keys(self) -> list[Key]:
+        return list(self._bodies)
+
+    def body(self, key: Key) -> dict | None:
+        raw = self._bodies.get(key)
+        return None if raw is None else json.loads(raw)
+
+    def __len__(self) -> int:
+        return len(self._bodies)
+
+    # ------------------------------------------------------------------ running
+
+    def start(self) -> None:
+        """Start the passes; :meth:`seen` does it for the first object.
+
+        Started from Kopf's event handler, the task runs in Kopf's context for
+        objects, where ``kopf.info`` and ``kopf.warn`` post Events (a task started by
+        a startup handler could not post them).
+        """
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run(), name=f"keyroom-{self.kind}-scheduler")
+
+    async def stop(self) -> None:
+        tasks = [t for t in (self._task, *self._passes) if t is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._task = None
+
+    def _schedule(self, key: Key, at: float) -> None:
+        """Set ``key``'s next pass to ``at`` unless one is already due sooner."""
+        if self._due.get(key, float("inf")) <= at:
+            return
+        self._due[key] = at
+        heapq.heappush(self._heap, (at, next(self._order), key))
+        self._changed.set()
+
+    async def _run(self) -> None:
+        slots = asyncio.Semaphore(self._concurrency)
+        while True:
+            self._changed.clear()
+            while self._heap and self._heap[0][0] <= time.monotonic():
+                at, _, key = heapq.heappop(self._heap)
+                if self._due.get(key) != at:
+                    continue  # superseded by a sooner pass, or forgotten
+                await slots.acquire()  # backpressure: at most `concurrency` passes in flight
+                if self._due.get(key) != at:  # forgotten or rescheduled while waiting for a slot
+                    slots.release()
+                    continue
+                del self._due[key]
+                self._running.add(key)
+                task = asyncio.get_running_loop().create_task(self._pass(key, slots))
+                self._passes.add(task)
+                task.add_done_callback(self._passes.discard)
+            timeout = max(0.0, self._heap[0][0] - time.monotonic()) if self._heap else None
+            try:
+                await asyncio.wait_for(self._changed.wait(), timeout)
+            except asyncio.TimeoutError:
+                pass
+
+    async def _pass(self, key: Key, slots: asyncio.Semaphore) -> None:
+        delay: float | None = None
+        try:
+            raw = self._bodies.get(key)
+            if raw is None:
+                return
+            try:
+                due = await self._reconcile(json.loads(raw))
+                self._backoff.pop(key, None)
+                if due is not None:
+                    delay = max(0.0, (due - datetime.datetime.now(datetime.timezone.utc)).total_seconds())
+            except Stalled:
+                self._backoff.pop(key, None)
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:
+                delay = self._backoff.get(key, 1.0)
+                self._backoff[key] = min(delay * 2, self._max_backoff)
+                if isinstance(error, (kubernetes.client.ApiException, urllib3.exceptions.HTTPError, OSError)):
+                    logger.warning("%s %s/%s: the API server failed (%s); trying again in %.0fs", self.kind, *key,
+                                   type(error).__name__, delay)
+                elif not isinstance(error, Retry):
+                    logger.exception("%s %s/%s: the pass failed; trying again in %.0fs", self.kind, *key, delay)
+        finally:
+            self._running.discard(key)
+            slots.release()
+            if key in self._bodies:
+                if key in self._again:
+                    self._again.discard(key)
+                    self._schedule(key, time.monotonic())
+                elif delay is not None:
+                    self._schedule(key, time.monotonic() + delay)
+
+
+async def write_first_status(*, plural: str, body: Mapping, message: str) -> Mapping:
     """Mark an object as being reconciled before anything else happens to it (see conditions.first_status).
+
+    Returns the object as it now is (``body`` itself when it had a status), for
+    the rest of the pass to decide on: its status is then computed from the
+    version just written, not refused as stale.
 
     The write is conditional on the resourceVersion it was decided on: a body
     without status may be stale, and a newer version's status must not be
@@ -32,15 +210,16 @@ async def write_first_status(*, plural: str, body: kopf.Body, message: str) -> N
     current: Mapping = body
     for _ in range(5):
         if not conditions.needs_first_status(current.get("status")):
-            return
+            return current
         meta = current["metadata"]
         try:
-            await kube.patch_status(plural=plural, namespace=meta["namespace"], name=meta["name"],
-                                    status=conditions.first_status(generation=meta["generation"], message=message),
-                                    resource_version=meta.get("resourceVersion"))
-            return
+            return await kube.patch_status(plural=plural, namespace=meta["namespace"], name=meta["name"],
+                                           status=conditions.first_status(generation=meta["generation"],
+                                                                          message=message),
+                                           resource_version=meta.get("resourceVersion"))
         except kube.Conflict:
             fresh = await kube.get(plural=plural, namespace=meta["namespace"], name=meta["name"])
             if fresh is None:
-                return
+                return current
             current = fresh
+    return current

@@ -1,14 +1,15 @@
 """The SigningKey reconciler: a mirror of the signer's record, woken at the moments that change it.
 
-The operator decides nothing about key material. Each SigningKey has one Kopf
-daemon that names the key to the signer ("reconcile team-a/release, uid U");
-the signer reads the spec itself, applies it and the clock to its own durable
-record (first version, rotation, the keepVersions trim, destruction at its own
+The operator decides nothing about key material. A pass over a SigningKey
+(one scheduler for all of them: :class:`keyroom.controllers.daemon.Scheduler`)
+names the key to the signer ("reconcile team-a/release, uid U"); the signer
+reads the spec itself, applies it and the clock to its own durable record
+(first version, rotation, the keepVersions trim, destruction at its own
 ``destroyAt``, one-time consumption: :mod:`keyroom.signer.keys`) and answers
-with that record. The daemon writes it into status with conditions and events,
-then sleeps until the next moment something changes (a window edge, a rotation
-or a destruction falling due) or until the object changes. So ``Online`` flips
-at the window edge itself, without polling.
+with that record. The pass writes it into status with conditions and events;
+the next pass comes when the object changes or at the next moment something
+changes by the clock (a window edge, a rotation or a destruction falling due).
+So ``Online`` flips at the window edge itself, without polling.
 
 Destruction is deliberate and delayed, as in cloud KMSs: a version leaves
 service (trimmed by ``rotation.keepVersions``, a consumed OneTime key, a
@@ -32,6 +33,10 @@ from keyroom.policy import current_version, key_availability
 from keyroom.signer.client import SignerClient, SignerError
 
 _MAX_BACKOFF = 60.0
+#: failures only a change of the object fixes: its next pass waits for that change. Every other failure is
+#: asked about again (1 s doubling to a minute), also the Stalled ones: a PIN, a token or RBAC fixed elsewhere
+#: ends them without a change to the object.
+_FIXED_BY_A_CHANGE = {"InvalidSpec", "InvalidRequest", "KeyMaterialMissing"}
 #: signer failures that only a change of configuration fixes
 _STALLING = {"SignerUnauthenticated", "SignerForbidden", "PinIncorrect", "PinLocked", "TokenNotFound",
              "ModuleNotFound", "TokenFull", "SignerNotConfigured", "InvalidSpec", "InvalidRequest",
@@ -178,11 +183,11 @@ def next_wakeup(spec: Mapping, record: Mapping | None, at: datetime.datetime) ->
 
 
 #: when a status computed from a stale body was refused, the next pass at the latest (the newer version's
-#: event usually wakes the daemon sooner)
+#: event usually brings the next pass sooner)
 _STALE_RETRY = datetime.timedelta(seconds=5)
 
 
-# ---------------------------------------------------------------- the daemon
+# ---------------------------------------------------------------- the passes
 
 async def reconcile(*, body: Mapping, signer: SignerClient | None, at: datetime.datetime,
                     logger: Any) -> datetime.datetime | None:
@@ -205,7 +210,7 @@ async def reconcile(*, body: Mapping, signer: SignerClient | None, at: datetime.
             await kube.patch_status(plural="signingkeys", namespace=meta["namespace"], name=meta["name"],
                                     status=patch, resource_version=meta.get("resourceVersion"))
         except kube.Conflict:
-            # Computed from a body that is no longer current: the newer version's event wakes this daemon again.
+            # Computed from a body that is no longer current: the newer version's event brings another pass.
             logger.debug(f"signing key {meta['namespace']}/{meta['name']} changed meanwhile; reconciling again")
             return at + _STALE_RETRY
         for reason, message in changes(status.get("versions") or [], desired.get("versions") or []):
@@ -220,52 +225,45 @@ async def reconcile(*, body: Mapping, signer: SignerClient | None, at: datetime.
     return next_wakeup(spec, record, at)
 
 
+async def _pass(body: dict, *, memo: kopf.Memo, settings: kopf.OperatorSettings) -> datetime.datetime | None:
+    """One scheduled pass over one SigningKey (see :class:`keyroom.controllers.daemon.Scheduler`)."""
+    body = await daemon.write_first_status(plural="signingkeys", body=body,
+                                           message="asking the signer for the key's record")
+    try:
+        return await reconcile(body=body, signer=memo.get("signer"), at=now(),
+                               logger=kopf.ObjectLogger(body=kopf.Body(body), settings=settings))
+    except SignerError as error:
+        raise (daemon.Stalled if error.reason in _FIXED_BY_A_CHANGE else daemon.Retry)(str(error)) from None
+
+
 @kopf.on.startup()
-def setup_signing_keys(memo: kopf.Memo, **_: Any) -> None:
-    #: (namespace, name) -> the wake-up event of that SigningKey's daemon, for other reconcilers to nudge it
-    memo.key_wakeups = {}
+async def setup_signing_keys(memo: kopf.Memo, settings: kopf.OperatorSettings, **_: Any) -> None:
+    async def one_pass(body: dict) -> datetime.datetime | None:
+        return await _pass(body, memo=memo, settings=settings)
+    memo.signing_keys = daemon.Scheduler("signingkey", one_pass, max_backoff=_MAX_BACKOFF)
+
+
+@kopf.on.cleanup()
+async def stop_signing_keys(memo: kopf.Memo, **_: Any) -> None:
+    await memo.signing_keys.stop()
 
 
 def wake(memo: kopf.Memo, namespace: str, name: str) -> None:
-    """Have a SigningKey's daemon ask the signer again soon (a request signed with it changed its count).
+    """Have a SigningKey asked about again soon (a request signed with it changed its count).
 
-    Wake-ups before the daemon's next pass coalesce into one pass.
+    Wake-ups before its next pass coalesce into one pass.
     """
-    wakeup = memo.key_wakeups.get((namespace, name))
-    if wakeup is not None:
-        wakeup.set()
-
-
-@kopf.daemon(GROUP, VERSION, "signingkeys", cancellation_timeout=30)
-async def keep_signing_key(body: kopf.Body, memo: kopf.Memo, stopped: kopf.DaemonStopped,
-                           logger: Any, **_: Any) -> None:
-    wakeup = memo.setdefault("wakeup", asyncio.Event())
-    where = (body["metadata"]["namespace"], body["metadata"]["name"])
-    memo.key_wakeups[where] = wakeup
-    try:
-        await daemon.write_first_status(plural="signingkeys", body=body,
-                                        message="asking the signer for the key's record")
-        backoff = 1.0
-        while not stopped:
-            wakeup.clear()
-            try:
-                due = await reconcile(body=body, signer=memo.get("signer"), at=now(), logger=logger)
-                backoff = 1.0
-                seconds = None if due is None else max(0.0, (due - now()).total_seconds())
-            except SignerError as error:
-                seconds = None if error.reason in _STALLING else backoff
-                backoff = min(backoff * 2, _MAX_BACKOFF)
-            await daemon.sleep(stopped, wakeup, seconds)
-    finally:
-        if memo.key_wakeups.get(where) is wakeup:
-            del memo.key_wakeups[where]
+    memo.signing_keys.wake((namespace, name))
 
 
 @kopf.on.event(GROUP, VERSION, "signingkeys")
-async def wake_signing_key(memo: kopf.Memo, **_: Any) -> None:
-    # async on purpose: Kopf runs plain functions in worker threads, and an asyncio.Event is not thread-safe
-    if "wakeup" in memo:
-        memo["wakeup"].set()
+async def signing_key_seen(body: kopf.Body, type: str | None, memo: kopf.Memo, **_: Any) -> None:
+    # async on purpose: Kopf runs plain functions in worker threads, and the scheduler is not thread-safe
+    meta = body["metadata"]
+    if type == "DELETED" or meta.get("deletionTimestamp"):
+        memo.signing_keys.forget((meta["namespace"], meta["name"]))  # the deletion handler takes over
+    else:
+        memo.signing_keys.seen(body)
 
 
 @kopf.on.delete(GROUP, VERSION, "signingkeys")
