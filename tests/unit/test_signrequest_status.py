@@ -78,13 +78,20 @@ def test_the_cache_keeps_little_of_a_final_request_and_never_goes_back_in_time()
     from keyroom.controllers.signrequest import Requests
 
     def body(version, phase, **status):
-        return {"metadata": {"namespace": "team-a", "name": "r", "uid": "u1", "resourceVersion": str(version)},
+        return {"metadata": {"namespace": "team-a", "name": "r", "uid": "u1", "resourceVersion": str(version),
+                             "managedFields": [{"manager": "kubectl", "fieldsV1": {"f:spec": {}}}],
+                             "annotations": {"keyroom.dev/last-handled-configuration": '{"digests": ["ab"]}',
+                                             "keyroom.dev/ttl-after-finished": "1h"}},
                 "spec": {"keyRef": {"name": "k"}, "digests": [{"name": "a", "value": "ab" * 32}]},
                 "status": {"phase": phase, **status}}
     cache = Requests()
+    cache.remember(body(3, "Pending"))
+    assert "managedFields" not in cache.bodies[("team-a", "r")]["metadata"]
     cache.remember(body(5, "Signed", signatures=[{"name": "a", "value": "MEUC"}], signedAt="2026-11-26T12:00:00Z"))
     kept = cache.bodies[("team-a", "r")]
     assert kept["spec"]["digests"] == [{"name": "a"}] and "signatures" not in kept["status"]
+    assert kept["metadata"]["annotations"] == {"keyroom.dev/ttl-after-finished": "1h"}
+    assert "managedFields" not in kept["metadata"]
     assert recent_signatures([kept], AT)[0].count == 1
     cache.remember(body(4, "Signing"))  # an older event arriving late changes nothing
     assert cache.bodies[("team-a", "r")]["status"]["phase"] == "Signed"
@@ -183,3 +190,30 @@ def test_the_incremental_rate_index_always_equals_a_tally_of_all_signatures(step
         for key in ("k", "j"):
             assert tally.total(key) == expected.total(key)
             assert sorted(tally.signatures(key), key=repr) == sorted(expected.signatures(key), key=repr)
+
+
+VERSION_STATES = hypothesis.strategies.sampled_from(["Enabled", "Disabled", "PendingDestruction", "Destroyed"])
+
+
+@hypothesis.given(
+    versions=hypothesis.strategies.lists(hypothesis.strategies.tuples(VERSION_STATES, hypothesis.strategies.booleans()),
+                                         max_size=5),
+    phase=hypothesis.strategies.sampled_from(["Active", "Offline", "Destroyed", "Consumed", "Pending"]),
+    consumed=hypothesis.strategies.sampled_from([None, "release-1"]))
+def test_the_operator_keeps_of_a_key_status_all_its_decisions_read_and_drops_the_rest(versions, phase, consumed):
+    from keyroom.controllers.signrequest import signing_keys
+    status = {"phase": phase, "message": "m" * 200, "online": True, "currentVersion": 1,
+              "conditions": [{"type": "Ready", "status": "True", "reason": "KeyAvailable", "message": "x"}],
+              "versions": [{"version": n + 1, "state": state, "fingerprint": "SHA256:" + "ab" * 32,
+                            "createdAt": "2026-11-26T12:00:00Z", **({"missing": True} if missing else {})}
+                           for n, (state, missing) in enumerate(versions)]}
+    if consumed:
+        status["consumedBy"] = consumed
+    body = {"metadata": {"name": "k", "namespace": "team-a", "uid": "u", "labels": {"team": "a"}},
+            "spec": {"algorithm": "ECDSA_P256"}, "status": status}
+    kept = signing_keys(namespace="team-a", name="k", body=body)[("team-a", "k")]
+    assert policy.KeyState.from_status(kept["status"]) == policy.KeyState.from_status(status)
+    assert kept["status"].get("consumedBy") == status.get("consumedBy")
+    assert "conditions" not in kept["status"] and "message" not in kept["status"]
+    assert all("fingerprint" not in v for v in kept["status"]["versions"])
+    assert kept["spec"] == body["spec"] and kept["metadata"]["labels"] == {"team": "a"}

@@ -236,6 +236,10 @@ def _revision(body: Mapping) -> int:
         return 0
 
 
+#: where Kopf keeps the spec it last handled (see keyroom.operator); a copy of the whole spec
+DIFFBASE_ANNOTATION = "keyroom.dev/last-handled-configuration"
+
+
 @dataclasses.dataclass
 class Requests:
     """The SignRequests as last seen (from events or our own writes), with a lock and a timer each."""
@@ -260,12 +264,16 @@ class Requests:
         if (known is None or known["metadata"]["uid"] != body["metadata"]["uid"]
                 or _revision(body) >= _revision(known)):
             spec, status = dict(body["spec"]), dict(body.get("status") or {})
+            meta = {k: v for k, v in body["metadata"].items() if k != "managedFields"}
             if status.get("phase") in TERMINAL_PHASES:
-                # a final request is kept only for rate limits and its removal: drop digest values and signatures
+                # a final request is kept only for rate limits and its removal: drop digest values and signatures,
+                # and Kopf's copy of the spec (digests included) in its annotation
                 spec["digests"] = [{"name": d["name"]} for d in spec["digests"]]
                 status.pop("signatures", None)
+                meta["annotations"] = {k: v for k, v in (meta.get("annotations") or {}).items()
+                                       if k != DIFFBASE_ANNOTATION}
             kept = {"apiVersion": body.get("apiVersion"), "kind": body.get("kind"),
-                    "metadata": dict(body["metadata"]), "spec": spec, "status": status}
+                    "metadata": meta, "spec": spec, "status": status}
             self.bodies[key] = kept
             self.by_namespace.setdefault(key[0], {})[key[1]] = kept
             self.rates.setdefault(key[0], RateIndex()).put(key[1], signature_of(kept))
@@ -322,10 +330,18 @@ def setup_requests(memo: kopf.Memo, **_: Any) -> None:
 
 @kopf.index(GROUP, VERSION, "signingkeys")
 def signing_keys(namespace: str, name: str, body: kopf.Body, **_: Any) -> dict:
-    """Each SigningKey as last seen: its labels, spec and status are all a decision needs of it."""
+    """Each SigningKey as last seen: its labels, spec and what :class:`keyroom.policy.KeyState` reads of its status.
+
+    Only that much of the status is kept (not its conditions, messages and
+    fingerprints): the operator holds one of these per key, thousands of them.
+    """
+    status = body.get("status") or {}
+    kept = {"versions": [{k: v[k] for k in ("version", "state", "missing") if k in v}
+                         for v in status.get("versions") or []]}
+    kept.update({k: status[k] for k in ("phase", "consumedBy") if status.get(k)})
     return {(namespace, name): {"metadata": {"name": name, "namespace": namespace, "uid": body["metadata"]["uid"],
                                              "labels": dict(body["metadata"].get("labels") or {})},
-                                "spec": dict(body.get("spec") or {}), "status": dict(body.get("status") or {})}}
+                                "spec": dict(body.get("spec") or {}), "status": kept}}
 
 
 # ---------------------------------------------------------------- reconcile one request
