@@ -15,6 +15,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 
@@ -49,12 +50,12 @@ def checkpoint_namespace(cluster, unique) -> str:
 class SecondSigner:
     """A signer process on ``hsm_dir``'s SoftHSM2 configuration, its health read over HTTPS."""
 
-    def __init__(self, cluster, tmp_path: pathlib.Path, hsm_dir: pathlib.Path, namespace: str,
-                 **overrides: str) -> None:
+    def __init__(self, cluster, tmp_path: pathlib.Path, hsm_dir: pathlib.Path, namespace: str, *,
+                 pin: str = PIN, **overrides: str) -> None:
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
             self.port = probe.getsockname()[1]
-        (tmp_path / "pin").write_text(PIN)
+        (tmp_path / "pin").write_text(pin)
         env = dict(os.environ, SOFTHSM2_CONF=str(hsm_dir / "softhsm2.conf"), KEYROOM_TOKEN_LABEL="faults",
                    KEYROOM_PIN_FILE=str(tmp_path / "pin"), KEYROOM_SIGNER_LISTEN=f"127.0.0.1:{self.port}",
                    KEYROOM_SIGNER_TLS_CERT=str(cluster.state_dir / "pki" / "signer.crt"),
@@ -80,9 +81,9 @@ class SecondSigner:
         except OSError:
             return None
 
-    def call(self, path: str, token: str) -> tuple[int, dict]:
-        """(HTTP status, JSON answer) of an authenticated GET to the signer."""
-        request = urllib.request.Request(f"https://127.0.0.1:{self.port}{path}",
+    def call(self, path: str, token: str, method: str = "GET") -> tuple[int, dict]:
+        """(HTTP status, JSON answer) of an authenticated call to the signer."""
+        request = urllib.request.Request(f"https://127.0.0.1:{self.port}{path}", method=method,
                                          headers={"Authorization": f"Bearer {token}"})
         try:
             with urllib.request.urlopen(request, context=self.context, timeout=10) as answer:
@@ -114,6 +115,33 @@ def test_a_token_that_appears_later_is_opened_without_a_restart(cluster, tmp_pat
     finally:
         signer.stop()
     assert PIN not in signer.log.read_text()
+
+
+def test_a_wrong_pin_is_tried_once_and_the_corrected_pin_file_opens_the_token_without_a_restart(
+        cluster, tmp_path, checkpoint_namespace):
+    hsm_dir = tmp_path / "hsm"
+    softhsm.init_token(hsm_dir, label="faults", pin=PIN, so_pin=SO_PIN)
+    wrong = "wrong-pin-0a9f"
+    signer = SecondSigner(cluster, tmp_path, hsm_dir, checkpoint_namespace, pin=wrong)
+    try:
+        refused = signer.reason("PinIncorrect")
+        assert refused["http"] == 503
+        # the same wrong PIN is never tried again (that would lock the token), however long the signer runs
+        wait_for(lambda: "waiting for another PIN" in signer.log.read_text(), timeout=20,
+                 what="the signer to wait for another PIN")
+        (tmp_path / "pin").write_text(wrong + "\n")  # rewritten, same PIN: still nothing tried
+        time.sleep(5)  # the absence of a retry over 2 of the signer's polls is what is asserted
+        assert signer.log.read_text().count("cannot open the PKCS#11 token") == 1
+        (tmp_path / "pin.new").write_text(PIN)  # the Secret corrected: a mounted file changes by a rename
+        (tmp_path / "pin.new").rename(tmp_path / "pin")
+        healthy = wait_for(lambda: (h := signer.health()) and h["http"] == 200 and h, timeout=30,
+                           what="the signer to open the token with the corrected PIN")
+        assert healthy["http"] == 200 and signer.process.poll() is None
+        assert "the PIN file changed; opening the token again" in signer.log.read_text()
+    finally:
+        signer.stop()
+    log = signer.log.read_text()
+    assert PIN not in log and wrong not in log
 
 
 def test_a_wrong_module_path_is_reported_and_the_signer_keeps_running(cluster, tmp_path, checkpoint_namespace):
@@ -149,3 +177,63 @@ def test_a_token_removed_under_a_running_signer_is_a_clear_refusal_not_a_crash(c
             assert answer["reason"] in ("DeviceError", "TokenNotFound") and answer["message"]
     finally:
         signer.stop()
+
+
+def test_a_full_token_refuses_new_keys_clearly_keeps_signing_and_recovers_when_room_is_made(
+        cluster, tmp_path, checkpoint_namespace, unique):
+    """The token's storage fills up (a tmpfs of 160 KiB): generation fails with a reason and a message, the
+    signer keeps serving what it has, nothing half-made is left, and the same call succeeds once there is room."""
+    from tests.integration.test_signingkey import _token
+
+    hsm_dir = tmp_path / "hsm"
+    storage = hsm_dir / "tokens"
+    storage.mkdir(parents=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=160k", "tmpfs", str(storage)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"a small tmpfs is needed to fill a token and could not be mounted: {mounted.stderr.strip()}")
+    signer = None
+    try:
+        softhsm.init_token(hsm_dir, label="faults", pin=PIN, so_pin=SO_PIN)
+        signer = SecondSigner(cluster, tmp_path, hsm_dir, checkpoint_namespace)
+        token = _token(cluster, "keyroom-operator", "keyroom-signer")
+        wait_for(lambda: (h := signer.health()) and h["http"] == 200, timeout=40, what="the signer to be healthy")
+        namespace = checkpoint_namespace
+        answers, made = [], []
+        for n in range(60):
+            name = unique("full")
+            created = apply(cluster, {"apiVersion": "keyroom.dev/v1alpha1", "kind": "SigningKey",
+                                      "metadata": {"name": name, "namespace": namespace},
+                                      "spec": {"algorithm": "ECDSA_P256"}})
+            assert created.returncode == 0, created.stderr
+            uid = kubectl(cluster, "get", "signingkey", name, "-n", namespace, "-o", "jsonpath={.metadata.uid}").stdout
+            status, answer = signer.call(f"/v1/keys/{namespace}/{name}/{uid}/reconcile", token, method="POST")
+            if status != 200:
+                refused = (name, uid, status, answer)
+                break
+            made.append(name)
+            answers.append(answer)
+        else:
+            pytest.fail("60 keys fit in 160 KiB: the token never filled up")
+        name, uid, status, answer = refused
+        assert made, "not even one key fitted"
+        assert status in (503, 507), answer
+        assert answer["reason"] in ("TokenFull", "DeviceError") and "generate" in answer["message"], answer
+        assert "could not store the key pair" in answer["message"] or answer["reason"] == "TokenFull", answer
+        assert PIN not in json.dumps(answer)
+        assert signer.process.poll() is None, "the signer died"
+        listed_status, listed = signer.call("/v1/keys", token)  # what it has is still served
+        assert listed_status == 200
+        ids = [o["label"] for o in listed["objects"]]
+        assert not any(name in label for label in ids), "a half-made key pair was left in the token"
+        assert all(sum(made_name in label for label in ids) == 2 for made_name in made), ids
+
+        grown = subprocess.run(["mount", "-o", "remount,size=4m", str(storage)], capture_output=True, text=True)
+        assert grown.returncode == 0, grown.stderr
+        status, answer = signer.call(f"/v1/keys/{namespace}/{name}/{uid}/reconcile", token, method="POST")
+        assert status == 200, answer
+        assert answer["currentVersion"] == 1 and answer["versions"][0]["state"] == "Enabled"
+    finally:
+        if signer is not None:
+            signer.stop()
+        subprocess.run(["umount", str(storage)], capture_output=True)

@@ -896,7 +896,12 @@ class Token:
                         self._public_ids.add(handle.object_id)
                 return _public_key_der(public, handle)
             except p11.PKCS11Error as error:
-                raise self._failure(pooled, error, "generate", handle) from None
+                failure = self._failure(pooled, error, "generate", handle)
+                if isinstance(error, p11.FunctionFailed | p11.GeneralError):
+                    # what SoftHSM2 answers when it cannot write the new objects (its storage is full, say)
+                    failure = HSMError(failure.reason, f"{failure.message}; the token could not store the key pair: "
+                                                       "is its storage full?")
+                raise failure from None
             finally:
                 self._give_back(pool, pooled)
 

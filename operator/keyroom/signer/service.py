@@ -44,6 +44,8 @@ logger = logging.getLogger("keyroom.signer")
 DEFAULT_AUDIENCE = SIGNER_AUDIENCE
 DEFAULT_CALLER = "system:serviceaccount:keyroom-system:keyroom-operator"
 _RETRY_OPEN_SECONDS = 10.0
+#: how often a signer refused by its token's PIN looks for another PIN in its file
+_PIN_FILE_POLL_SECONDS = 2.0
 _AUTH_CACHE_SECONDS = 60.0
 _AUTH_CACHE_SIZE = 1024
 #: Kubernetes names: a namespace is a DNS-1123 label, an object name a DNS-1123 subdomain
@@ -73,6 +75,8 @@ class SignerConfig:
     state_dir: str = "/var/lib/keyroom"
     #: the namespace of the audit checkpoint ConfigMap
     namespace: str = "keyroom-system"
+    #: where the PIN was read (a mounted Secret, updated in place when the Secret changes); None: KEYROOM_PIN
+    pin_file: str | None = None
 
     @classmethod
     def from_environment(cls, environ: dict[str, str] | None = None) -> "SignerConfig":
@@ -101,7 +105,19 @@ class SignerConfig:
             allowed_callers=tuple(env.get("KEYROOM_SIGNER_ALLOWED_CALLERS", DEFAULT_CALLER).split(",")),
             state_dir=env.get("KEYROOM_SIGNER_STATE_DIR", "/var/lib/keyroom"),
             namespace=env.get("KEYROOM_SIGNER_NAMESPACE", "keyroom-system"),
+            pin_file=env.get("KEYROOM_PIN_FILE") or None,
         )
+
+    def with_new_pin(self) -> "SignerConfig | None":
+        """This configuration with the PIN file's current PIN, or None when it holds the same PIN (or no file)."""
+        if self.pin_file is None:
+            return None
+        try:
+            with open(self.pin_file) as pin_file:
+                pin = pin_file.read().strip()
+        except OSError:
+            return None
+        return dataclasses.replace(self, pin=pin) if pin and pin != self.pin else None
 
 
 class Metrics:
@@ -216,8 +232,24 @@ class Signer:
                 self.metrics.token_up.set(0)
                 logger.error("cannot open the PKCS#11 token: %s (%s)", error, error.reason)
                 if error.reason in ("PinIncorrect", "PinLocked"):
-                    return  # retrying a wrong PIN would lock the token
+                    # retrying a wrong PIN would lock the token: try again only with another PIN
+                    if not await self._new_pin():
+                        return
+                    continue
                 await asyncio.sleep(_RETRY_OPEN_SECONDS)
+
+    async def _new_pin(self) -> bool:
+        """Wait until the PIN file holds another PIN (its Secret was corrected) and use it; False without a file."""
+        if self.config.pin_file is None:
+            logger.error("the PIN comes from KEYROOM_PIN: correct it and restart the signer")
+            return False
+        logger.error("waiting for another PIN in %s (the Secret's update reaches a mounted file in about a minute)",
+                     self.config.pin_file)
+        while (changed := self.config.with_new_pin()) is None:
+            await asyncio.sleep(_PIN_FILE_POLL_SECONDS)
+        self.config = changed
+        logger.info("the PIN file changed; opening the token again")
+        return True
 
     async def _in_token(self, operation: str, call: Callable[[hsm.Token], Any]) -> Any:
         token = self.token
