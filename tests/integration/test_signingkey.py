@@ -6,8 +6,6 @@ these tests also show that it does.
 """
 from __future__ import annotations
 
-import asyncio
-import base64
 import datetime
 import hashlib
 import json
@@ -291,3 +289,71 @@ def test_key_material_destroyed_outside_keyroom_stalls_the_key_until_a_rotation(
     assert kubectl(cluster, "annotate", "signingkey", name, "-n", NAMESPACE, "keyroom.dev/rotate=1").returncode == 0
     status = wait_for(lambda: (s := _status(cluster, name)).get("currentVersion") == 2 and s, what="version 2")
     assert status["phase"] == "Active" and _condition(status, "Stalled").get("status") != "True"
+
+
+def _connections_to(pid: int, port: int) -> int:
+    """Established TCP connections of process ``pid`` to local ``port`` (its sockets matched in /proc/net/tcp)."""
+    import os
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as lines:
+            for line in list(lines)[1:]:
+                fields = line.split()
+                if fields[3] == "01" and int(fields[2].rsplit(":", 1)[1], 16) == port and fields[9] in inodes:
+                    count += 1
+    return count
+
+
+def test_a_flood_of_keys_is_all_ready_none_goes_back_and_the_operator_keeps_its_connections_bounded(
+        cluster, unique):
+    from keyroom import operator as keyroom_operator
+    from keyroom.devenv import controlplane
+
+    namespace = unique("flood")
+    assert kubectl(cluster, "create", "namespace", namespace).returncode == 0
+    count = 300
+    manifests = [{**_key(f"key-{n:03d}"), "metadata": {"name": f"key-{n:03d}", "namespace": namespace}}
+                 for n in range(count)]
+    went_back: set[str] = set()
+    ready: set[str] = set()
+    watch = subprocess.Popen([str(cluster.kubectl), f"--kubeconfig={cluster.kubeconfig()}", "get", "signingkeys",
+                              "-n", namespace, "--watch", "-o", "json", "--output-watch-events"],
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        created = kubectl(cluster, "apply", "-f", "-", input="\n---\n".join(json.dumps(m) for m in manifests))
+        assert created.returncode == 0, created.stderr
+        decoder = json.JSONDecoder()
+        buffer = ""
+        operator = controlplane._read_state(cluster.state_dir)["processes"]["operator"]["pid"]
+        api_port = int(cluster.server.rsplit(":", 1)[1])
+        most = 0
+        while len(ready) < count:
+            line = watch.stdout.readline()
+            assert line, "the watch ended before every key was Ready"
+            buffer += line
+            try:
+                event, end = decoder.raw_decode(buffer.lstrip())
+            except ValueError:
+                continue
+            buffer = buffer.lstrip()[end:]
+            body = event["object"]
+            name = body["metadata"]["name"]
+            conditions = body.get("status", {}).get("conditions", [])
+            if any(c["type"] == "Ready" and c["status"] == "True" for c in conditions):
+                ready.add(name)
+            elif name in ready:
+                went_back.add(name)
+            most = max(most, _connections_to(operator, api_port))
+    finally:
+        watch.kill()  # the keys stay: deleting them would schedule 300 destructions for the tests that follow
+    assert not went_back
+    # Kopf's session (bounded) and the kubernetes client's pool the reconcilers' own calls use (10 at most here)
+    assert most <= keyroom_operator.API_CONNECTIONS + 10, most
