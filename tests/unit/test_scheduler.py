@@ -227,6 +227,28 @@ def test_seen_without_wake_keeps_the_body_for_the_next_pass_but_runs_none():
     assert version == "2"
 
 
+def test_the_version_a_pass_wrote_itself_wakes_nothing_any_other_write_does():
+    async def scenario():
+        async def behave(b):
+            if b["metadata"]["resourceVersion"] == "1":
+                scheduler.written({**b, "metadata": {**b["metadata"], "resourceVersion": "2"}})  # its status write
+        recorder = Recorder(behave)
+        scheduler = Scheduler("test", recorder)
+        scheduler.seen(body("k", version="1"))
+        await recorder.wait(1)
+        await settle()
+        scheduler.seen(body("k", version="2"))  # the event of the pass's own write
+        await settle()
+        after_own = len(recorder.seen)
+        scheduler.seen(body("k", version="3"))  # someone else's write (a forged status, say)
+        await recorder.wait(2)
+        await scheduler.stop()
+        return after_own, [b["metadata"]["resourceVersion"] for b in recorder.seen]
+    after_own, versions = run(scenario())
+    assert after_own == 1
+    assert versions == ["1", "3"]
+
+
 @pytest.mark.parametrize("count", [2000])
 def test_many_objects_cost_no_task_each(count):
     async def scenario():
@@ -262,5 +284,7 @@ def test_a_failure_fixed_outside_the_object_is_asked_about_again_one_fixed_by_a_
     shown = {**body("k"), "status": {"observedGeneration": 1, "conditions": [
         {"type": "Ready", "status": "False", "reason": "Reconciling", "message": "", "lastTransitionTime": "x"}]}}
     shown["metadata"]["generation"] = 1
+    import kopf
+    memo = kopf.Memo(signer=None, signing_keys=Scheduler("test", Recorder()))
     with pytest.raises(Stalled if waits else Retry):
-        run(controller._pass(shown, memo={"signer": None}, settings=__import__("kopf").OperatorSettings()))
+        run(controller._pass(shown, memo=memo, settings=kopf.OperatorSettings()))

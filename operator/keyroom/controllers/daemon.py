@@ -65,6 +65,7 @@ class Scheduler:
         self._running: set[Key] = set()
         self._again: set[Key] = set()  # woken during their pass
         self._backoff: dict[Key, float] = {}
+        self._own: dict[Key, str] = {}  # the resourceVersion of each object's last write by a pass
         self._changed = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._passes: set[asyncio.Task] = set()
@@ -72,20 +73,34 @@ class Scheduler:
     # ------------------------------------------------------------------ what the event handlers call
 
     def seen(self, body: Mapping, *, wake: bool = True) -> None:
-        """Keep ``body`` (the newest version of an object) as the one its next pass reads; wake it unless told not to."""
+        """Keep ``body`` (the newest version of an object) as the one its next pass reads; wake it unless told not to.
+
+        The version a pass wrote itself (see :meth:`written`) wakes nothing: the
+        pass already decided on it. Any other write, a forged status included,
+        brings a pass that shows the signer's record again.
+        """
         meta = body["metadata"]
+        place = (meta["namespace"], meta["name"])
+        if self._own.get(place) == meta.get("resourceVersion"):
+            wake = False
         slim = {"apiVersion": body.get("apiVersion"), "kind": body.get("kind"),
                 "metadata": {k: v for k, v in meta.items() if k != "managedFields"},
                 "spec": body.get("spec") or {}, "status": body.get("status") or {}}
-        self._bodies[(meta["namespace"], meta["name"])] = json.dumps(slim, separators=(",", ":"),
-                                                                    default=dict).encode()
+        self._bodies[place] = json.dumps(slim, separators=(",", ":"), default=dict).encode()
         if self._task is None:
             self.start()
         if wake:
-            self.wake((meta["namespace"], meta["name"]))
+            self.wake(place)
+
+    def written(self, obj: Mapping) -> None:
+        """A pass wrote ``obj`` (the object as the API server returned it): its event needs no other pass."""
+        meta = obj["metadata"]
+        if (meta["namespace"], meta["name"]) in self._bodies:
+            self._own[(meta["namespace"], meta["name"])] = meta["resourceVersion"]
 
     def forget(self, key: Key) -> None:
         """The object is gone (or being deleted): no more passes; one in flight finishes and is not repeated."""
+        self._own.pop(key, None)
         self._bodies.pop(key, None)
         self._due.pop(key, None)
         self._again.discard(key)
@@ -194,12 +209,13 @@ class Scheduler:
                     self._schedule(key, time.monotonic() + delay)
 
 
-async def write_first_status(*, plural: str, body: Mapping, message: str) -> Mapping:
+async def write_first_status(*, plural: str, body: Mapping, message: str,
+                             written: Callable[[Mapping], None] | None = None) -> Mapping:
     """Mark an object as being reconciled before anything else happens to it (see conditions.first_status).
 
     Returns the object as it now is (``body`` itself when it had a status), for
     the rest of the pass to decide on: its status is then computed from the
-    version just written, not refused as stale.
+    version just written, not refused as stale. ``written`` is told of the write.
 
     The write is conditional on the resourceVersion it was decided on: a body
     without status may be stale, and a newer version's status must not be
@@ -213,10 +229,13 @@ async def write_first_status(*, plural: str, body: Mapping, message: str) -> Map
             return current
         meta = current["metadata"]
         try:
-            return await kube.patch_status(plural=plural, namespace=meta["namespace"], name=meta["name"],
-                                           status=conditions.first_status(generation=meta["generation"],
-                                                                          message=message),
-                                           resource_version=meta.get("resourceVersion"))
+            fresh = await kube.patch_status(plural=plural, namespace=meta["namespace"], name=meta["name"],
+                                            status=conditions.first_status(generation=meta["generation"],
+                                                                           message=message),
+                                            resource_version=meta.get("resourceVersion"))
+            if written is not None:
+                written(fresh)
+            return fresh
         except kube.Conflict:
             fresh = await kube.get(plural=plural, namespace=meta["namespace"], name=meta["name"])
             if fresh is None:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import kopf
 
@@ -190,8 +190,9 @@ _STALE_RETRY = datetime.timedelta(seconds=5)
 # ---------------------------------------------------------------- the passes
 
 async def reconcile(*, body: Mapping, signer: SignerClient | None, at: datetime.datetime,
-                    logger: Any) -> datetime.datetime | None:
-    """One pass over one SigningKey; returns when the next pass is due by the clock."""
+                    logger: Any, written: Callable[[Mapping], None] | None = None) -> datetime.datetime | None:
+    """One pass over one SigningKey; returns when the next pass is due by the clock (``written``: told of the
+    status write, with the object as written)."""
     meta, spec, status = body["metadata"], body["spec"], body.get("status") or {}
     record, error = None, None
     try:
@@ -207,8 +208,10 @@ async def reconcile(*, body: Mapping, signer: SignerClient | None, at: datetime.
     patch = status_patch(status, desired)
     if patch:
         try:
-            await kube.patch_status(plural="signingkeys", namespace=meta["namespace"], name=meta["name"],
-                                    status=patch, resource_version=meta.get("resourceVersion"))
+            fresh = await kube.patch_status(plural="signingkeys", namespace=meta["namespace"], name=meta["name"],
+                                            status=patch, resource_version=meta.get("resourceVersion"))
+            if written is not None:
+                written(fresh)
         except kube.Conflict:
             # Computed from a body that is no longer current: the newer version's event brings another pass.
             logger.debug(f"signing key {meta['namespace']}/{meta['name']} changed meanwhile; reconciling again")
@@ -228,10 +231,12 @@ async def reconcile(*, body: Mapping, signer: SignerClient | None, at: datetime.
 async def _pass(body: dict, *, memo: kopf.Memo, settings: kopf.OperatorSettings) -> datetime.datetime | None:
     """One scheduled pass over one SigningKey (see :class:`keyroom.controllers.daemon.Scheduler`)."""
     body = await daemon.write_first_status(plural="signingkeys", body=body,
-                                           message="asking the signer for the key's record")
+                                           message="asking the signer for the key's record",
+                                           written=memo.signing_keys.written)
     try:
         return await reconcile(body=body, signer=memo.get("signer"), at=now(),
-                               logger=kopf.ObjectLogger(body=kopf.Body(body), settings=settings))
+                               logger=kopf.ObjectLogger(body=kopf.Body(body), settings=settings),
+                               written=memo.signing_keys.written)
     except SignerError as error:
         raise (daemon.Stalled if error.reason in _FIXED_BY_A_CHANGE else daemon.Retry)(str(error)) from None
 
