@@ -217,3 +217,26 @@ def test_the_operator_keeps_of_a_key_status_all_its_decisions_read_and_drops_the
     assert "conditions" not in kept["status"] and "message" not in kept["status"]
     assert all("fingerprint" not in v for v in kept["status"]["versions"])
     assert kept["spec"] == body["spec"] and kept["metadata"]["labels"] == {"team": "a"}
+
+
+def test_a_key_write_that_changes_nothing_a_decision_reads_wakes_no_request():
+    from keyroom.controllers.signrequest import Requests
+    key = {"metadata": {"name": "k", "namespace": "team-a", "uid": "u", "labels": {"team": "a"}},
+           "spec": {"algorithm": "ECDSA_P256"},
+           "status": {"phase": "Active", "signatureCount": 1, "message": "x",
+                      "versions": [{"version": 1, "state": "Enabled", "fingerprint": "SHA256:ab"}]}}
+    cache = Requests()
+    assert cache.key_changed("team-a", "k", key)  # first seen
+    counted = {**key, "status": {**key["status"], "signatureCount": 2, "message": "y",
+                                 "conditions": [{"type": "Ready", "status": "True"}]}}
+    assert not cache.key_changed("team-a", "k", counted)
+    for changed in ({**counted, "status": {**counted["status"], "phase": "Offline"}},
+                    {**counted, "status": {**counted["status"], "consumedBy": "release-1"}},
+                    {**counted, "spec": {**counted["spec"], "offline": {"windows": []}}},
+                    {**counted, "metadata": {**counted["metadata"], "labels": {"team": "b"}}},
+                    {**counted, "status": {**counted["status"], "versions": [
+                        {"version": 1, "state": "Enabled"}, {"version": 2, "state": "Enabled"}]}}):
+        assert cache.key_changed("team-a", "k", changed)
+        assert not cache.key_changed("team-a", "k", changed)
+    assert cache.key_changed("team-a", "k", None)  # deleted
+    assert cache.key_changed("team-a", "other", counted)  # another key is its own

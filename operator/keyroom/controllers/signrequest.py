@@ -28,6 +28,7 @@ import asyncio
 import bisect
 import dataclasses
 import datetime
+import json
 import logging
 import os
 from typing import Any, Callable, Iterable, Mapping
@@ -257,6 +258,8 @@ class Requests:
     #: UIDs the signer said it has not signed, with no sign call from this process since: only these may be
     #: settled without asking the signer (a previous operator process may have asked it to sign any other)
     unsigned: set[str] = dataclasses.field(default_factory=set)
+    #: (namespace, key name) -> a hash of what decisions read of the SigningKey, as last seen
+    key_views: dict[tuple[str, str], int] = dataclasses.field(default_factory=dict)
 
     def remember(self, body: Mapping) -> None:
         key = (body["metadata"]["namespace"], body["metadata"]["name"])
@@ -277,6 +280,21 @@ class Requests:
             self.bodies[key] = kept
             self.by_namespace.setdefault(key[0], {})[key[1]] = kept
             self.rates.setdefault(key[0], RateIndex()).put(key[1], signature_of(kept))
+
+    def key_changed(self, namespace: str, name: str, body: Mapping | None) -> bool:
+        """Whether what a decision reads of the SigningKey (see :func:`decision_view`) differs from its last view.
+
+        ``body`` None: the key was deleted (a change).
+        """
+        place = (namespace, name)
+        if body is None:
+            self.key_views.pop(place, None)
+            return True
+        view = hash(json.dumps(decision_view(body), sort_keys=True, default=dict))
+        if self.key_views.get(place) == view:
+            return False
+        self.key_views[place] = view
+        return True
 
     def forget(self, namespace: str, name: str) -> None:
         key = (namespace, name)
@@ -328,20 +346,23 @@ def setup_requests(memo: kopf.Memo, **_: Any) -> None:
     memo.signrequests = Requests(ttl_after_finished=ttl)
 
 
-@kopf.index(GROUP, VERSION, "signingkeys")
-def signing_keys(namespace: str, name: str, body: kopf.Body, **_: Any) -> dict:
-    """Each SigningKey as last seen: its labels, spec and what :class:`keyroom.policy.KeyState` reads of its status.
-
-    Only that much of the status is kept (not its conditions, messages and
-    fingerprints): the operator holds one of these per key, thousands of them.
-    """
-    status = body.get("status") or {}
+def decision_view(body: Mapping) -> dict:
+    """What a request's decision reads of a SigningKey: its labels, spec and what
+    :class:`keyroom.policy.KeyState` reads of its status (not its conditions, messages, fingerprints or
+    signature count): the operator holds one of these per key, thousands of them."""
+    meta, status = body["metadata"], body.get("status") or {}
     kept = {"versions": [{k: v[k] for k in ("version", "state", "missing") if k in v}
                          for v in status.get("versions") or []]}
     kept.update({k: status[k] for k in ("phase", "consumedBy") if status.get(k)})
-    return {(namespace, name): {"metadata": {"name": name, "namespace": namespace, "uid": body["metadata"]["uid"],
-                                             "labels": dict(body["metadata"].get("labels") or {})},
-                                "spec": dict(body.get("spec") or {}), "status": kept}}
+    return {"metadata": {"name": meta["name"], "namespace": meta["namespace"], "uid": meta["uid"],
+                         "labels": dict(meta.get("labels") or {})},
+            "spec": dict(body.get("spec") or {}), "status": kept}
+
+
+@kopf.index(GROUP, VERSION, "signingkeys")
+def signing_keys(namespace: str, name: str, body: kopf.Body, **_: Any) -> dict:
+    """Each SigningKey as last seen, as much of it as decisions read (:func:`decision_view`)."""
+    return {(namespace, name): decision_view(body)}
 
 
 # ---------------------------------------------------------------- reconcile one request
@@ -587,10 +608,18 @@ def _decide_again(memo: kopf.Memo, namespace: str, indexes: tuple[kopf.Index, ..
 
 
 @kopf.on.event(GROUP, VERSION, "signingkeys")
-async def key_changed_for_requests(namespace: str, name: str, memo: kopf.Memo, signing_keys: kopf.Index,
-                                   policies_by_namespace: kopf.Index, keys_by_namespace: kopf.Index,
-                                   **_: Any) -> None:
-    """A key came online, got a version, was consumed: its waiting requests decide again."""
+async def key_changed_for_requests(namespace: str, name: str, body: kopf.Body, type: str | None, memo: kopf.Memo,
+                                   signing_keys: kopf.Index, policies_by_namespace: kopf.Index,
+                                   keys_by_namespace: kopf.Index, **_: Any) -> None:
+    """A key came online, got a version, was consumed: its waiting requests decide again.
+
+    Only when what a decision reads of the key changed: most of a key's
+    writes (its signature count after each signature, its conditions) change
+    nothing a decision reads, and re-deciding every unfinished request of a
+    busy key on each of them grew with the backlog until the operator fell behind.
+    """
+    if not memo.signrequests.key_changed(namespace, name, None if type == "DELETED" else body):
+        return
     _decide_again(memo, namespace, (signing_keys, policies_by_namespace, keys_by_namespace), key=name)
 
 
