@@ -325,6 +325,7 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 print("no rate was sustained with p99 under 1 s")
             watcher.stop()
+            results.record(figures)  # each phase's figures are kept even if a later phase fails
 
             if args.keys:
                 found = scale(environment, admin_api, args.keys, log)
@@ -333,6 +334,7 @@ def main(argv: list[str] | None = None) -> int:
                 figures[f"keys_{args.keys}_went_back"] = found["regressions"]
                 print(f"{args.keys} SigningKeys applied at once: all Ready after {found['ready_s']:.0f}s "
                       f"({found['ready']} Ready; {found['regressions']} went back from Ready)", flush=True)
+                results.record(figures)
                 finished = len(watcher.signed)
                 if finished < args.keys:  # as many finished requests as keys
                     filler = Watcher(api)
@@ -347,6 +349,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"{figures[f'signer_rss_mib_at_{suffix}']:.0f} MiB (goal under 256 MiB each), of which "
                       f"about {figures[f'signer_module_rss_mib_at_{suffix}']:.0f} MiB is what a bare process "
                       "loading SoftHSM2 with this token holds")
+                results.record(figures)
 
                 controlplane.stop_process(state_dir, "operator", log=lambda m: None)
                 restarted = time.perf_counter()
