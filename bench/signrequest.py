@@ -253,9 +253,10 @@ spec: {{algorithm: ECDSA_P256}}
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rates", default="20,30,40,50,60,80,100,120",
-                        help="single-digest request rates to try in turn, per second")
+                        help="single-digest request rates to try in turn, per second (empty: no throughput figures)")
     parser.add_argument("--seconds", type=float, default=60.0, help="how long to keep each rate")
-    parser.add_argument("--batches", type=int, default=3, help="500-digest requests to time per algorithm")
+    parser.add_argument("--batches", type=int, default=3,
+                        help="500-digest requests to time per algorithm (0: no batch figures)")
     parser.add_argument("--keys", type=int, default=1000, help="SigningKeys for the scale figures (0: none)")
     parser.add_argument("--logs", type=pathlib.Path, help="copy the components' logs here before stopping them")
     args = parser.parse_args(argv)
@@ -283,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
             create(_request("warm-up", keys["ECDSA_P256"], [hashlib.sha256(b"warm").hexdigest()]))
             watcher.wait_signed(["warm-up"], timeout=60)
 
-            for algorithm, key in keys.items():
+            for algorithm, key in keys.items() if args.batches else ():
                 batch_rates = []
                 for batch in range(args.batches):
                     name = f"batch-{algorithm.lower().replace('_', '-')}-{batch}"
@@ -301,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"(goal >= {goal}); runs: {', '.join(f'{r:.0f}' for r in batch_rates)}", flush=True)
 
             best = None
-            for step, rate in enumerate(float(r) for r in args.rates.split(",")):
+            for step, rate in enumerate(float(r) for r in args.rates.split(",") if r.strip()):
                 run = steady(create, watcher, keys["ECDSA_P256"], rate=rate, seconds=args.seconds,
                              prefix=f"steady-{step}")
                 sustained = run["complete"] and run["p99"] < 1.0
@@ -322,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"highest sustained rate: {best['offered']:.1f}/s (goal 100/s); API writes per request: "
                       f"{statistics.mean(object_writes):.1f} to the SignRequest (its creation included) + "
                       f"{statistics.mean(posted):.1f} Event(s)")
-            else:
+            elif args.rates.strip():
                 print("no rate was sustained with p99 under 1 s")
             watcher.stop()
             results.record(figures)  # each phase's figures are kept even if a later phase fails
