@@ -93,20 +93,24 @@ def test_the_due_time_a_pass_returns_brings_the_next_pass_then_and_not_before():
     assert total == 2  # None: no further pass until woken
 
 
+class InFlight:
+    """A pass that counts the passes in flight (the most at once) and waits at a gate while ``held(body)``."""
+
+    def __init__(self, held) -> None:
+        self.gate, self.inside, self.most, self.held = asyncio.Event(), 0, 0, held
+
+    async def __call__(self, body: dict) -> None:
+        self.inside += 1
+        self.most = max(self.most, self.inside)
+        if self.held(body):
+            await self.gate.wait()
+        self.inside -= 1
+
+
 def test_a_wake_during_a_pass_runs_exactly_one_more_pass_after_it_never_two_at_once():
     async def scenario():
-        gate = asyncio.Event()
-        inside = 0
-        most = 0
-
-        async def behave(b):
-            nonlocal inside, most
-            inside += 1
-            most = max(most, inside)
-            if len(recorder.seen) == 1:
-                await gate.wait()
-            inside -= 1
-        recorder = Recorder(behave)
+        flight = InFlight(lambda b: len(recorder.seen) == 1)
+        recorder = Recorder(flight)
         scheduler = Scheduler("test", recorder)
         scheduler.start()
         scheduler.seen(body("k", version="1"))
@@ -115,11 +119,11 @@ def test_a_wake_during_a_pass_runs_exactly_one_more_pass_after_it_never_two_at_o
             scheduler.seen(body("k", version=version))
         await settle()
         during = len(recorder.seen)
-        gate.set()
+        flight.gate.set()
         await recorder.wait(2)
         await settle()
         await scheduler.stop()
-        return during, most, [b["metadata"]["resourceVersion"] for b in recorder.seen]
+        return during, flight.most, [b["metadata"]["resourceVersion"] for b in recorder.seen]
     during, most, versions = run(scenario())
     assert during == 1 and most == 1
     assert versions == ["1", "4"]
@@ -127,17 +131,8 @@ def test_a_wake_during_a_pass_runs_exactly_one_more_pass_after_it_never_two_at_o
 
 def test_passes_in_flight_are_bounded_and_the_rest_wait_their_turn():
     async def scenario():
-        gate = asyncio.Event()
-        inside = 0
-        most = 0
-
-        async def behave(b):
-            nonlocal inside, most
-            inside += 1
-            most = max(most, inside)
-            await gate.wait()
-            inside -= 1
-        recorder = Recorder(behave)
+        flight = InFlight(lambda b: True)
+        recorder = Recorder(flight)
         scheduler = Scheduler("test", recorder, concurrency=3)
         scheduler.start()
         for n in range(10):
@@ -145,10 +140,10 @@ def test_passes_in_flight_are_bounded_and_the_rest_wait_their_turn():
         await recorder.wait(3)
         await settle()
         waiting = len(recorder.seen)
-        gate.set()
+        flight.gate.set()
         await recorder.wait(10)
         await scheduler.stop()
-        return waiting, most, sorted(recorder.names())
+        return waiting, flight.most, sorted(recorder.names())
     waiting, most, names = run(scenario())
     assert waiting == 3 and most == 3
     assert names == sorted(f"k{n}" for n in range(10))
