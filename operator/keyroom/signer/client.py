@@ -7,6 +7,7 @@ only public keys and signatures come back.
 """
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
@@ -44,11 +45,21 @@ class SignerError(Exception):
 
 
 class SignerClient:
-    def __init__(self, *, url: str, token_file: str, ca_file: str | None = None, timeout: float = 30.0) -> None:
+    """The operator's calls to the signer, at most ``connections`` at once.
+
+    Calls beyond that wait for a free slot before their timeout starts: a flood
+    of requests queues here (backpressure) instead of timing out while waiting
+    for a connection, which aiohttp counts against the timeout.
+    """
+
+    def __init__(self, *, url: str, token_file: str, ca_file: str | None = None, timeout: float = 30.0,
+                 connections: int = 32) -> None:
         self.url = url.rstrip("/")
         self.token_file = token_file
         self._ssl = ssl.create_default_context(cafile=ca_file) if ca_file else None
         self._timeout = aiohttp.ClientTimeout(total=timeout)
+        self._connections = connections
+        self._slots = asyncio.Semaphore(connections)
         self._session: aiohttp.ClientSession | None = None
         self._token: tuple[float, str] | None = None
 
@@ -69,9 +80,13 @@ class SignerClient:
         return self._token[1]
 
     async def _call(self, method: str, path: str, body: dict | None = None) -> dict[str, Any]:
+        async with self._slots:
+            return await self._call_now(method, path, body)
+
+    async def _call_now(self, method: str, path: str, body: dict | None) -> dict[str, Any]:
         if self._session is None:
-            self._session = aiohttp.ClientSession(timeout=self._timeout,
-                                                  connector=aiohttp.TCPConnector(ssl=self._ssl, limit=32))
+            self._session = aiohttp.ClientSession(timeout=self._timeout, connector=aiohttp.TCPConnector(
+                ssl=self._ssl, limit=self._connections))
         try:
             headers = {"Authorization": f"Bearer {self._bearer()}"}
         except OSError as error:
