@@ -283,3 +283,19 @@ def test_a_failure_fixed_outside_the_object_is_asked_about_again_one_fixed_by_a_
     memo = kopf.Memo(signer=None, signing_keys=Scheduler("test", Recorder()))
     with pytest.raises(Stalled if waits else Retry):
         run(controller._pass(shown, memo=memo, settings=kopf.OperatorSettings()))
+
+
+def test_a_key_woken_often_with_its_next_pass_far_ahead_does_not_grow_the_heap():
+    async def scenario():
+        recorder = Recorder(lambda b: asyncio.sleep(0, later(3600)))
+        scheduler = Scheduler("test", recorder)
+        scheduler.seen(body("k"))
+        for _ in range(200):
+            await asyncio.sleep(0.005)
+            scheduler.wake(("team-a", "k"))  # each pass leaves an entry an hour ahead, each wake one for now
+        await settle()
+        await scheduler.stop()
+        return len(recorder.seen), len(scheduler._heap)
+    passes, entries = run(scenario())
+    assert passes > 100
+    assert entries <= 2 * 1 + 64 + 1

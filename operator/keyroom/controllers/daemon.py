@@ -115,13 +115,6 @@ class Scheduler:
         else:
             self._schedule(key, time.monotonic())
 
-    def keys(self) -> list[Key]:
-        return list(self._bodies)
-
-    def body(self, key: Key) -> dict | None:
-        raw = self._bodies.get(key)
-        return None if raw is None else json.loads(raw)
-
     def __len__(self) -> int:
         return len(self._bodies)
 
@@ -150,6 +143,11 @@ class Scheduler:
             return
         self._due[key] = at
         heapq.heappush(self._heap, (at, next(self._order), key))
+        if len(self._heap) > 2 * len(self._due) + 64:
+            # entries superseded by sooner passes (a busy key woken often, its next due far ahead) are dropped
+            # here rather than kept until their time comes
+            self._heap = [entry for entry in self._heap if self._due.get(entry[2]) == entry[0]]
+            heapq.heapify(self._heap)
         self._changed.set()
 
     async def _run(self) -> None:
