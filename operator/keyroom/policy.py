@@ -5,9 +5,10 @@ objects they read, so both decide the same way, and the tests need no cluster.
 """
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import datetime
-from typing import Iterable, Mapping
+from typing import Any, Hashable, Iterable, Mapping
 
 from keyroom import schedule
 
@@ -408,6 +409,79 @@ class RateTally:
 
     def signatures(self, key: str) -> list[Signature]:
         return list(self._by_key.get(key, ()))
+
+
+class RateIndex(RateTally):
+    """A namespace's signatures of the last hour, kept current as they are made.
+
+    Each entry (a request in the operator, an audited intent in the signer) is
+    kept oldest first per key with its key's running total; :meth:`at` drops
+    those that aged out of the window, so a decision costs a sum per key
+    instead of a pass over every signature of the hour (at 50 requests a
+    second, 180,000 of them). An entry without a time (a request signing now)
+    counts at the moment of the decision.
+    """
+
+    def __init__(self) -> None:
+        super().__init__({})
+        self._times: dict[str, list[tuple[datetime.datetime, Any]]] = {}  # key -> [(signed at, entry)], sorted
+        self._entries: dict[Any, tuple[str, datetime.datetime | None, int]] = {}  # entry -> (key, at, count)
+        self._totals: dict[str, int] = {}
+        self._edge: datetime.datetime | None = None  # signatures at or before it have aged out
+        self._at: datetime.datetime | None = None
+
+    def put(self, name: Hashable, signature: tuple[datetime.datetime | None, str, int] | None) -> None:
+        self.drop(name)
+        if signature is None:
+            return
+        signed_at, key, count = signature
+        if signed_at is not None:
+            if self._edge is not None and signed_at <= self._edge:
+                return
+            bisect.insort(self._times.setdefault(key, []), (signed_at, name))
+        self._entries[name] = (key, signed_at, count)
+        self._totals[key] = self._totals.get(key, 0) + count
+
+    def drop(self, name: Hashable) -> None:
+        entry = self._entries.pop(name, None)
+        if entry is None:
+            return
+        key, signed_at, count = entry
+        if signed_at is not None:
+            times = self._times[key]
+            index = bisect.bisect_left(times, (signed_at, name))
+            if index < len(times) and times[index] == (signed_at, name):
+                del times[index]
+        self._totals[key] -= count
+        if not self._totals[key]:
+            del self._totals[key]
+
+    def at(self, moment: datetime.datetime) -> "RateIndex":
+        """This tally as of ``moment``: what signed at or before an hour earlier no longer counts."""
+        self._at, self._edge = moment, moment - RATE_WINDOW
+        for key, times in self._times.items():
+            aged = 0
+            while aged < len(times) and times[aged][0] <= self._edge:
+                _, name = times[aged]
+                self._totals[key] -= self._entries.pop(name)[2]
+                aged += 1
+            if aged:
+                del times[:aged]
+                if not self._totals[key]:
+                    del self._totals[key]
+        return self
+
+    def keys(self) -> Iterable[str]:
+        return list(self._totals)
+
+    def total(self, key: str) -> int:
+        return self._totals.get(key, 0)
+
+    def signatures(self, key: str) -> list[Signature]:
+        found = [Signature(signed_at, key, self._entries[name][2])
+                 for signed_at, name in self._times.get(key, ())]
+        return found + [Signature(self._at, key, count) for k, signed_at, count in self._entries.values()
+                        if k == key and signed_at is None]
 
 
 def _rate_wait(limit: int, wanted: int, recent: list[Signature], at: datetime.datetime) -> datetime.datetime | None:

@@ -5,6 +5,7 @@ import datetime
 
 import pytest
 
+from keyroom import policy
 from keyroom.signer import audit
 
 REQUEST = {"namespace": "team-a", "name": "sr-1", "uid": "u-1"}
@@ -74,8 +75,10 @@ def test_the_log_remembers_signed_requests_consumed_keys_and_abandoned_intents(t
     reopened.append("Abandoned", request=other, intent=crashed["index"])
     assert not reopened.requests["u-2"].open_intent
     since = datetime.datetime.fromisoformat(intent["time"])
-    counts = reopened.recent_signatures("team-a", since=since)
-    assert counts == [(since, "release", 1)]  # the abandoned intent no longer counts
+    tally = reopened.rate_tally("team-a", since)
+    assert tally.signatures("release") == [policy.Signature(since, "release", 1)]  # the abandoned one no longer counts
+    assert tally.total("release") == 1 and reopened.rate_tally("team-b", since).total("release") == 0
+    assert reopened.rate_tally("team-a", since + policy.RATE_WINDOW).total("release") == 0  # aged out of the hour
 
 
 def test_results_are_stored_atomically_and_read_back(tmp_path):

@@ -170,7 +170,7 @@ def test_the_caches_rate_index_counts_what_a_scan_of_its_bodies_counts():
 def test_the_incremental_rate_index_always_equals_a_tally_of_all_signatures(steps):
     """Requests signing, signed, dropped, and time passing (minutes): the index and a full tally agree."""
     from keyroom import policy
-    from keyroom.controllers.signrequest import RateIndex
+    from keyroom.policy import RateIndex
 
     index, everything = RateIndex(), {}
     moment = AT

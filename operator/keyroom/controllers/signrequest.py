@@ -25,7 +25,6 @@ than a quarter of a second) and one event.
 from __future__ import annotations
 
 import asyncio
-import bisect
 import dataclasses
 import datetime
 import json
@@ -143,78 +142,6 @@ def recent_signatures(requests: list[Mapping], at: datetime.datetime) -> list[po
     return in_window(filter(None, map(signature_of, requests)), at)
 
 
-class RateIndex(policy.RateTally):
-    """A namespace's signatures of the last hour, kept current as its requests change.
-
-    Each key's signed requests are kept oldest first with their running
-    total; :meth:`at` drops those that aged out of the window, so a decision
-    costs a sum per key instead of a pass over every signature of the hour
-    (at 50 requests a second, 180,000 of them). A request signing now counts
-    at the moment of the decision, as :func:`recent_signatures` counts it.
-    """
-
-    def __init__(self) -> None:
-        super().__init__({})
-        self._times: dict[str, list[tuple[datetime.datetime, str]]] = {}  # key -> [(signed at, request)], sorted
-        self._entries: dict[str, tuple[str, datetime.datetime | None, int]] = {}  # request -> (key, at, count)
-        self._totals: dict[str, int] = {}
-        self._edge: datetime.datetime | None = None  # signatures at or before it have aged out
-        self._at: datetime.datetime | None = None
-
-    def put(self, name: str, signature: tuple[datetime.datetime | None, str, int] | None) -> None:
-        self.drop(name)
-        if signature is None:
-            return
-        signed_at, key, count = signature
-        if signed_at is not None:
-            if self._edge is not None and signed_at <= self._edge:
-                return
-            bisect.insort(self._times.setdefault(key, []), (signed_at, name))
-        self._entries[name] = (key, signed_at, count)
-        self._totals[key] = self._totals.get(key, 0) + count
-
-    def drop(self, name: str) -> None:
-        entry = self._entries.pop(name, None)
-        if entry is None:
-            return
-        key, signed_at, count = entry
-        if signed_at is not None:
-            times = self._times[key]
-            index = bisect.bisect_left(times, (signed_at, name))
-            if index < len(times) and times[index] == (signed_at, name):
-                del times[index]
-        self._totals[key] -= count
-        if not self._totals[key]:
-            del self._totals[key]
-
-    def at(self, moment: datetime.datetime) -> "RateIndex":
-        """This tally as of ``moment``: what signed at or before an hour earlier no longer counts."""
-        self._at, self._edge = moment, moment - policy.RATE_WINDOW
-        for key, times in self._times.items():
-            aged = 0
-            while aged < len(times) and times[aged][0] <= self._edge:
-                _, name = times[aged]
-                self._totals[key] -= self._entries.pop(name)[2]
-                aged += 1
-            if aged:
-                del times[:aged]
-                if not self._totals[key]:
-                    del self._totals[key]
-        return self
-
-    def keys(self) -> Iterable[str]:
-        return list(self._totals)
-
-    def total(self, key: str) -> int:
-        return self._totals.get(key, 0)
-
-    def signatures(self, key: str) -> list[policy.Signature]:
-        found = [policy.Signature(signed_at, key, self._entries[name][2])
-                 for signed_at, name in self._times.get(key, ())]
-        return found + [policy.Signature(self._at, key, count) for k, signed_at, count in self._entries.values()
-                        if k == key and signed_at is None]
-
-
 def removal_due(body: Mapping, *, default_ttl: str) -> datetime.datetime | None:
     """When a finished request is removed; None while it is not finished."""
     status = body.get("status") or {}
@@ -250,7 +177,7 @@ class Requests:
     #: namespace -> name -> body (the same bodies), so that a namespace's requests are found without a scan
     by_namespace: dict[str, dict[str, dict]] = dataclasses.field(default_factory=dict)
     #: namespace -> its signatures of the last hour, for the rate limits (see RateIndex)
-    rates: dict[str, RateIndex] = dataclasses.field(default_factory=dict)
+    rates: dict[str, policy.RateIndex] = dataclasses.field(default_factory=dict)
     locks: dict[tuple[str, str], asyncio.Lock] = dataclasses.field(default_factory=dict)
     timers: dict[tuple[str, str], asyncio.TimerHandle] = dataclasses.field(default_factory=dict)
     backoff: dict[tuple[str, str], float] = dataclasses.field(default_factory=dict)
@@ -279,7 +206,7 @@ class Requests:
                     "metadata": meta, "spec": spec, "status": status}
             self.bodies[key] = kept
             self.by_namespace.setdefault(key[0], {})[key[1]] = kept
-            self.rates.setdefault(key[0], RateIndex()).put(key[1], signature_of(kept))
+            self.rates.setdefault(key[0], policy.RateIndex()).put(key[1], signature_of(kept))
 
     def key_changed(self, namespace: str, name: str, body: Mapping | None) -> bool:
         """Whether what a decision reads of the SigningKey (see :func:`decision_view`) differs from its last view.
@@ -318,7 +245,7 @@ class Requests:
 
     def rate_tally(self, namespace: str, at: datetime.datetime) -> policy.RateTally:
         """The namespace's signatures within the rate window before ``at``."""
-        return self.rates.setdefault(namespace, RateIndex()).at(at)
+        return self.rates.setdefault(namespace, policy.RateIndex()).at(at)
 
     def wake_at(self, namespace: str, name: str, when: datetime.datetime | None, run) -> None:
         """Run ``run(namespace, name)`` at ``when`` (replacing an earlier timer of the request)."""

@@ -32,6 +32,7 @@ import threading
 import time
 from typing import Any, Callable, Iterator
 
+from keyroom import policy
 from keyroom.signer import certificates, keys
 
 GENESIS = "sha256:" + "0" * 64
@@ -193,9 +194,9 @@ class AuditLog:
         self.certificates: dict[str, certificates.CertificateRecord] = {}
         #: whether this chain was started anew by an administrator (key records are then rebuilt from the token)
         self.restarted = False
-        #: signatures of the last hour by intent index: (time, namespace, key name, count), oldest first.
+        #: namespace -> its signatures of the last hour, by intent index (for the policies' rate limits).
         #: An intent counts from the moment it is written, so concurrent requests cannot overrun a rate limit.
-        self.recent: dict[int, tuple[datetime.datetime, str, str, int]] = {}
+        self.rates: dict[str, policy.RateIndex] = {}
         hashes = {}
         if self.path.exists():
             for entry in read_entries(self.path, mac=mac):
@@ -222,14 +223,16 @@ class AuditLog:
                                                                              "hash": entry["hash"]}
         elif event == "Intent":  # the memory keeps only what resolving and answering need, not the digests
             record.intent = {field: entry[field] for field in ("index", "request", "key")}
-            self.recent[entry["index"]] = (datetime.datetime.fromisoformat(entry["time"]),
-                                           entry["request"]["namespace"], entry["key"]["name"], len(entry["digests"]))
+            self.rates.setdefault(entry["request"]["namespace"], policy.RateIndex()).put(
+                entry["index"], (datetime.datetime.fromisoformat(entry["time"]), entry["key"]["name"],
+                                 len(entry["digests"])))
         elif event == "Signed":
             record.signed = {"index": entry["index"], "hash": entry["hash"],
                              "signatures": signatures_digest(entry["signatures"])}
         elif event == "Abandoned":
             record.abandoned.append(entry["intent"])
-            self.recent.pop(entry["intent"], None)
+            if entry["request"]["namespace"] in self.rates:
+                self.rates[entry["request"]["namespace"]].drop(entry["intent"])
 
     def append(self, event: str, **fields: Any) -> dict:
         """Write one entry and fsync it before returning (thread-safe: entries are chained one at a time)."""
@@ -253,11 +256,13 @@ class AuditLog:
         """UIDs of the one-time keys this log records as used."""
         return {uid for uid, record in self.keys.items() if record.consumed_by is not None}
 
-    def recent_signatures(self, namespace: str, *, since: datetime.datetime) -> list[tuple[datetime.datetime, str, int]]:
-        """Signatures made or being made in ``namespace`` since ``since`` (at most an hour back)."""
-        for index in [i for i, (at, *_) in self.recent.items() if at < since - datetime.timedelta(hours=1)]:
-            del self.recent[index]
-        return [(at, key, count) for at, ns, key, count in self.recent.values() if ns == namespace and at >= since]
+    def rate_tally(self, namespace: str, at: datetime.datetime) -> policy.RateTally:
+        """The signatures made or being made in ``namespace`` within the rate window before ``at``.
+
+        Kept per namespace and per key as intents are written: a decision costs
+        a sum per key, not a pass over every signature of the last hour.
+        """
+        return self.rates.setdefault(namespace, policy.RateIndex()).at(at)
 
     # ------------------------------------------------------------ the signatures beside the log
 

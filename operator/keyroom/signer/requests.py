@@ -642,8 +642,7 @@ class RequestSigner:
         now = datetime.datetime.now(datetime.timezone.utc)
         key_meta = (key or {}).get("metadata") or {}
         record = self.log.keys.get(key_meta.get("uid", "")) if key else None
-        recent = [policy.Signature(at, key_name, count)
-                  for at, key_name, count in self.log.recent_signatures(namespace, since=now - policy.RATE_WINDOW)]
+        recent = self.log.rate_tally(namespace, now)
         labels = {k["metadata"]["name"]: dict(k["metadata"].get("labels") or {}) for k in namespace_keys}
         decision = policy.decide(request, key=key, key_state=key_state(record), policies=policies, at=now,
                                  recent=recent, key_labels=labels)
