@@ -299,3 +299,62 @@ def test_a_key_woken_often_with_its_next_pass_far_ahead_does_not_grow_the_heap()
     passes, entries = run(scenario())
     assert passes > 100
     assert entries <= 2 * 1 + 64 + 1
+
+
+def test_delayed_wake_ups_coalesce_into_one_pass_at_the_soonest_and_one_during_a_pass_waits_its_delay():
+    async def scenario():
+        gate = asyncio.Event()
+
+        async def behave(b):
+            if len(recorder.seen) == 2:
+                await gate.wait()  # the second pass is in flight while woken again
+        recorder = Recorder(behave)
+        scheduler = Scheduler("test", recorder)
+        scheduler.start()
+        loop = asyncio.get_running_loop()
+        scheduler.seen(body("k"))
+        await recorder.wait(1)
+        began = loop.time()
+        for _ in range(20):  # a busy key: a signature after another
+            scheduler.wake(("team-a", "k"), after=0.6)
+        scheduler.wake(("team-a", "k"), after=0.4)
+        await recorder.wait(2)
+        second = loop.time() - began
+        scheduler.wake(("team-a", "k"), after=0.5)  # during the second pass
+        gate.set()
+        ended = loop.time()
+        await recorder.wait(3)
+        third = loop.time() - ended
+        await settle(0.8)
+        await scheduler.stop()
+        return second, third, len(recorder.seen)
+    second, third, passes = run(scenario())
+    assert 0.35 <= second < 0.6  # the soonest wanted, not the first asked nor one per wake-up
+    assert third >= 0.45  # after the delay asked for, not at once when the pass ended
+    assert passes == 3
+
+
+def test_signatures_made_with_a_key_within_the_count_delay_bring_one_pass_after_it():
+    import kopf
+
+    from keyroom.controllers import signingkey
+
+    async def scenario():
+        recorder = Recorder()
+        scheduler = Scheduler("SigningKey", recorder)
+        memo = kopf.Memo(signing_keys=scheduler)
+        scheduler.start()
+        scheduler.seen(body("k"))
+        await recorder.wait(1)
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        for _ in range(5):
+            signingkey.wake(memo, "team-a", "k")
+            await asyncio.sleep(0.1)
+        await recorder.wait(2)
+        waited = loop.time() - began
+        await settle(0.5)
+        await scheduler.stop()
+        return waited, len(recorder.seen)
+    waited, passes = run(scenario())
+    assert waited >= signingkey.SIGNATURE_COUNT_DELAY - 0.05 and passes == 2

@@ -63,7 +63,7 @@ class Scheduler:
         self._heap: list[tuple[float, int, Key]] = []
         self._order = itertools.count()
         self._running: set[Key] = set()
-        self._again: set[Key] = set()  # woken during their pass
+        self._again: dict[Key, float] = {}  # woken during their pass: the monotonic moment wanted for the next
         self._backoff: dict[Key, float] = {}
         self._own: dict[Key, str] = {}  # the resourceVersion of each object's last write by a pass
         self._changed = asyncio.Event()
@@ -103,17 +103,22 @@ class Scheduler:
         self._own.pop(key, None)
         self._bodies.pop(key, None)
         self._due.pop(key, None)
-        self._again.discard(key)
+        self._again.pop(key, None)
         self._backoff.pop(key, None)
 
-    def wake(self, key: Key) -> None:
-        """A pass over ``key`` as soon as possible (after the one in flight, if any); wake-ups coalesce."""
+    def wake(self, key: Key, *, after: float = 0.0) -> None:
+        """A pass over ``key`` within ``after`` seconds (and after the one in flight, if any).
+
+        Wake-ups coalesce: however many come before the pass, it runs once, at
+        the soonest moment any of them asked for.
+        """
         if key not in self._bodies:
             return
+        at = time.monotonic() + after
         if key in self._running:
-            self._again.add(key)
+            self._again[key] = min(at, self._again.get(key, at))
         else:
-            self._schedule(key, time.monotonic())
+            self._schedule(key, at)
 
     def __len__(self) -> int:
         return len(self._bodies)
@@ -200,11 +205,12 @@ class Scheduler:
             self._running.discard(key)
             slots.release()
             if key in self._bodies:
-                if key in self._again:
-                    self._again.discard(key)
-                    self._schedule(key, time.monotonic())
-                elif delay is not None:
-                    self._schedule(key, time.monotonic() + delay)
+                # the sooner of a wake-up during the pass and the pass's own next moment: that pass reads
+                # everything afresh and sets the one after it
+                wanted = [at for at in (self._again.pop(key, None),
+                                        None if delay is None else time.monotonic() + delay) if at is not None]
+                if wanted:
+                    self._schedule(key, min(wanted))
 
 
 async def write_first_status(*, plural: str, body: Mapping, message: str,

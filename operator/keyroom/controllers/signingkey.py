@@ -253,12 +253,19 @@ async def stop_signing_keys(memo: kopf.Memo, **_: Any) -> None:
     await memo.signing_keys.stop()
 
 
+#: how soon a key's status shows a signature made with it: signatures within this time share one status write
+SIGNATURE_COUNT_DELAY = 2.0
+
+
 def wake(memo: kopf.Memo, namespace: str, name: str) -> None:
     """Have a SigningKey asked about again soon (a request signed with it changed its count).
 
-    Wake-ups before its next pass coalesce into one pass.
+    Wake-ups within :data:`SIGNATURE_COUNT_DELAY` coalesce into one pass: a
+    busy key's count is written at most about once in that time, not once per
+    signature (a read at the signer and a status write each, at 10 requests a
+    second the costliest writes after the requests' own).
     """
-    memo.signing_keys.wake((namespace, name))
+    memo.signing_keys.wake((namespace, name), after=SIGNATURE_COUNT_DELAY)
 
 
 @kopf.on.event(GROUP, VERSION, "signingkeys")
