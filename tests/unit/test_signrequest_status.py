@@ -240,3 +240,53 @@ def test_a_key_write_that_changes_nothing_a_decision_reads_wakes_no_request():
         assert not cache.key_changed("team-a", "k", changed)
     assert cache.key_changed("team-a", "k", None)  # deleted
     assert cache.key_changed("team-a", "other", counted)  # another key is its own
+
+
+class _SlowSigner:
+    """A signer that answers after ``seconds``: what the operator sees when the signer is busy."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    async def sign_request(self, *, namespace, name, uid, digests):
+        import asyncio
+        await asyncio.sleep(self.seconds)
+        return {"keyVersion": 1, "signedAt": "2026-11-26T12:00:00Z", "audit": {"index": 1, "hash": "sha256:00"},
+                "signatures": [{"name": "a", "value": "AA=="}]}
+
+
+@pytest.mark.parametrize("in_flight", [1, 12])
+def test_a_slow_call_shows_signing_unless_many_calls_are_in_flight(monkeypatch, in_flight):
+    """One slow call shows Signing; under load (many calls, all slow) requests go straight to Signed."""
+    import asyncio
+
+    from keyroom.controllers import signrequest
+
+    monkeypatch.setattr(signrequest.kopf, "info", lambda *a, **k: None)
+    phases: list[str] = []
+
+    class Recording(signrequest.Reconciler):
+        async def _write(self, body, patch):
+            phases.append(patch["phase"])
+            return {**body, "status": {**body["status"], **patch}}
+
+        async def _finished(self, body, at):
+            pass
+
+    reconciler = Recording(requests=signrequest.Requests(), signer=_SlowSigner(signrequest.SIGNING_SHOWN_AFTER + 0.3),
+                           keys={}, policies={}, key_labels={})
+    approved = policy.Decision("Approved", "Approved", "approved", approved=True, key_version=1)
+
+    async def one(n):
+        body = {"metadata": {"namespace": "team-a", "name": f"r{n}", "uid": f"u{n}", "generation": 1},
+                "spec": {"keyRef": {"name": "release"}, "digests": [{"name": "a", "value": "00" * 32}]},
+                "status": {}}
+        show = lambda: reconciler._write(body, {"phase": "Signing"})  # noqa: E731
+        await reconciler._sign(body, approved, show)
+
+    async def scenario():
+        await asyncio.gather(*(one(n) for n in range(in_flight)))
+    asyncio.run(scenario())
+    assert phases.count("Signed") == in_flight
+    assert phases.count("Signing") == (in_flight if in_flight <= signrequest.SIGNING_SHOWN_UP_TO else 0)
+    assert reconciler.requests.signing == 0
