@@ -267,6 +267,9 @@ def main(argv: list[str] | None = None) -> int:
         state_dir = pathlib.Path(directory) / "env"
         environment = controlplane.up(state_dir, log=log)
         try:
+            # the operator as deployed: info logs, the token audit every 10 minutes (not debug logs and every 5 s)
+            controlplane.stop_process(state_dir, "operator", log=lambda m: None)
+            controlplane.start_operator(environment, as_deployed=True)
             hsm_dir = state_dir / "hsm"
             os.environ["SOFTHSM2_CONF"] = str(hsm_dir / "softhsm2.conf")
             raw = {algorithm: raw_rate(module=softhsm.find_module(), token_label="keyroom-dev",
@@ -354,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
 
                 controlplane.stop_process(state_dir, "operator", log=lambda m: None)
                 restarted = time.perf_counter()
-                controlplane.start_operator(environment)
+                controlplane.start_operator(environment, as_deployed=True)
                 catch_up = Watcher(api)
                 create(_request("after-restart", keys["ECDSA_P256"], [hashlib.sha256(b"restart").hexdigest()]))
                 catch_up.wait_signed(["after-restart"], timeout=600)

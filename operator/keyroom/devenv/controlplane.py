@@ -509,12 +509,20 @@ def request_token(environment: Environment, *, namespace: str, service_account: 
     return environment.run_kubectl(*args).stdout.strip()
 
 
-def start_operator(environment: Environment, *, supervisor: _Supervisor | None = None) -> subprocess.Popen:
-    """Run the keyroom operator as a local process, authenticated as its ServiceAccount."""
+def start_operator(environment: Environment, *, supervisor: _Supervisor | None = None,
+                   as_deployed: bool = False) -> subprocess.Popen:
+    """Run the keyroom operator as a local process, authenticated as its ServiceAccount.
+
+    For development and tests it logs debug messages and audits the token every
+    5 s; ``as_deployed`` runs it as the chart does (info messages, the token
+    audit at its default interval), for measurements.
+    """
     if supervisor is None:
         state = _read_state(environment.state_dir)
         supervisor = _Supervisor(environment.state_dir, state)
-    env = dict(os.environ, KUBECONFIG=str(environment.kubeconfig("operator")), KEYROOM_TOKEN_AUDIT_SECONDS="5")
+    env = dict(os.environ, KUBECONFIG=str(environment.kubeconfig("operator")))
+    if not as_deployed:
+        env["KEYROOM_TOKEN_AUDIT_SECONDS"] = "5"
     if environment.signer_url:
         namespace, service_account = fixtures.SERVICE_ACCOUNTS["operator"]
         token_file = environment.state_dir / "operator-signer-token"
@@ -522,7 +530,8 @@ def start_operator(environment: Environment, *, supervisor: _Supervisor | None =
                                                    audience=SIGNER_AUDIENCE).encode())
         env.update(KEYROOM_SIGNER_URL=environment.signer_url, KEYROOM_SIGNER_TOKEN_FILE=str(token_file),
                    KEYROOM_SIGNER_CA_FILE=str(environment.state_dir / "pki" / "ca.crt"))
-    process = supervisor.spawn("operator", [sys.executable, "-m", "keyroom.operator", "--verbose"], env=env)
+    process = supervisor.spawn("operator", [sys.executable, "-m", "keyroom.operator",
+                                            *(() if as_deployed else ("--verbose",))], env=env)
     log_path = supervisor.logs / "operator.log"
     supervisor.wait_until("operator", process, lambda: "keyroom operator ready" in log_path.read_text(errors="replace"),
                           what="ready")
