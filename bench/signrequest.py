@@ -18,8 +18,8 @@ signer on SoftHSM2, everything on this machine) measures:
   ever went back from Ready; then as many finished requests as keys; the
   operator's and signer's resident memory (goal at 10,000: under 256 MiB each),
   with the share of the signer's that SoftHSM2 itself holds, measured in a bare
-  process on the same token; and the time a restarted operator takes to sign a
-  new request (goal: under 30 s).
+  process on the same token; their CPU when idle; and the time a restarted
+  operator takes to sign a new request (goal: under 30 s).
 
 Figures go to ``bench/results/latest.json``. Run with ``make bench``;
 ``--keys 10000`` for the figures at 10,000.
@@ -139,6 +139,22 @@ def _rss_mib(state_dir: pathlib.Path, name: str) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     raise RuntimeError(f"no VmRSS for {name}")
+
+
+def idle_cpu_percent(state_dir: pathlib.Path, names: tuple[str, ...], seconds: float = 30.0) -> dict[str, float]:
+    """CPU the recorded processes use over ``seconds`` with nothing to do, in percent of one core."""
+    pids = {name: controlplane._read_state(state_dir)["processes"][name]["pid"] for name in names}
+
+    def ticks() -> dict[str, int]:
+        found = {}
+        for name, pid in pids.items():
+            fields = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            found[name] = int(fields[11]) + int(fields[12])  # utime + stime
+        return found
+    before, started = ticks(), time.perf_counter()
+    time.sleep(seconds)  # a measurement window, not a wait for a condition
+    after, elapsed = ticks(), time.perf_counter() - started
+    return {name: 100 * (after[name] - before[name]) / os.sysconf("SC_CLK_TCK") / elapsed for name in names}
 
 
 def module_rss_mib(hsm_dir: pathlib.Path) -> float:
@@ -353,6 +369,12 @@ def main(argv: list[str] | None = None) -> int:
                       f"{figures[f'signer_rss_mib_at_{suffix}']:.0f} MiB (goal under 256 MiB each), of which "
                       f"about {figures[f'signer_module_rss_mib_at_{suffix}']:.0f} MiB is what a bare process "
                       "loading SoftHSM2 with this token holds")
+                results.record(figures)
+                idle = idle_cpu_percent(state_dir, ("operator", "signer"))
+                figures[f"operator_idle_cpu_percent_at_{suffix}"] = idle["operator"]
+                figures[f"signer_idle_cpu_percent_at_{suffix}"] = idle["signer"]
+                print(f"idle with {args.keys} keys and {finished} finished requests: operator {idle['operator']:.1f}% "
+                      f"and signer {idle['signer']:.1f}% of one core (30 s)")
                 results.record(figures)
 
                 controlplane.stop_process(state_dir, "operator", log=lambda m: None)
