@@ -268,8 +268,8 @@ class Reader:
     def __init__(self) -> None:
         self.checkpoint = None
 
-    async def request_keys_policies(self, namespace, name):
-        return None, [], []
+    async def request_key_policies(self, namespace, name):
+        return None, None, []
 
     async def key(self, namespace, name):
         return None
@@ -576,7 +576,7 @@ def test_malformed_calls_are_refused_before_anything_is_read(path, body):
         async with running(Reviews()) as (client, signer):
             called = []
             signer.requests.reader = types.SimpleNamespace(**{name: lambda *a, **k: called.append(a) for name in (
-                "request_keys_policies", "key", "read_checkpoint", "read_new_chain", "write_checkpoint")})
+                "request_key_policies", "keys", "key", "read_checkpoint", "read_new_chain", "write_checkpoint")})
             if body is None:
                 method = "POST" if path.endswith("/reconcile") else "GET"
                 response = await client.request(method, path, headers=bearer(GOOD))

@@ -78,6 +78,7 @@ class Cluster:
         self.config_maps: dict[str, dict[str, str]] = {}
         self.down = False  # every call fails, as when the API server is unreachable
         self.refuse_writes = False
+        self.listed: list[str] = []  # the plural of each list call
 
     def put(self, plural: str, body: dict) -> dict:
         self.objects[plural][(body["metadata"]["namespace"], body["metadata"]["name"])] = copy.deepcopy(body)
@@ -107,6 +108,7 @@ class _CustomObjects:
     def list_namespaced_custom_object(self, group, version, namespace, plural):
         self.cluster.check()
         assert (group, version) == (GROUP, VERSION)
+        self.cluster.listed.append(plural)
         return {"items": [copy.deepcopy(body) for (ns, _), body in self.cluster.objects[plural].items()
                           if ns == namespace]}
 
@@ -653,12 +655,41 @@ def test_a_policy_counts_the_signatures_of_the_keys_it_selects_and_only_those(wo
         nightly["metadata"]["labels"] = {"tier": "nightly"}
         world.cluster.put("signingkeys", nightly)
         await world.reconcile(signer, nightly)
-        for _ in range(2):  # signatures by a key the release policy does not name
-            await world.sign(signer, world.cluster.put("signrequests", request_object(key="nightly",
-                                                                                      artifacts=("a", "b"))))
+        world.cluster.listed.clear()
+        await world.sign(signer, world.cluster.put("signrequests", request_object(key="nightly",
+                                                                                  artifacts=("a", "b"))))
+        # the first signature of the namespace's hour: no other key's count to weigh, so no list of the keys
+        assert "signingkeys" not in world.cluster.listed
+        await world.sign(signer, world.cluster.put("signrequests", request_object(key="nightly",
+                                                                                  artifacts=("a", "b"))))
+        world.cluster.listed.clear()
         await world.sign(signer, world.cluster.put("signrequests", request_object(artifacts=("a", "b"))))
+        # nightly signed within the hour: a policy selecting by label needs the keys' labels, one naming keys not
+        assert ("signingkeys" in world.cluster.listed) == (selected_by == "labels")
         refusal = await world.refused(world.sign(signer, world.cluster.put("signrequests", request_object())))
         assert refusal.reason == "RateLimited" and "policy release allows 2 signatures" in str(refusal)
+    run(scenario())
+
+
+def test_a_policy_selecting_by_label_counts_another_keys_signatures_by_its_labels_now(world):
+    """A key relabelled into a policy's selection counts against it; the labels are read, not assumed."""
+    async def scenario():
+        signer = await world.signer()
+        world.cluster.put("signingpolicies", policy_object(required=0, maxSignaturesPerHour=3))  # tier=release
+        await world.key(signer)
+        other = key_object("other")
+        other["metadata"]["labels"] = {"tier": "nightly"}
+        world.cluster.put("signingkeys", other)
+        nightly_policy = policy_object("nightly", required=0)
+        nightly_policy["spec"]["keySelector"] = {"matchLabels": {"tier": "nightly"}}
+        world.cluster.put("signingpolicies", nightly_policy)
+        await world.reconcile(signer, other)
+        await world.sign(signer, world.cluster.put("signrequests", request_object(key="other", artifacts=("a", "b"))))
+        await world.sign(signer, world.cluster.put("signrequests", request_object()))  # 1 of release's 3
+        other["metadata"]["labels"] = {"tier": "release"}  # now the release policy selects it: its 2 count
+        world.cluster.put("signingkeys", other)
+        refusal = await world.refused(world.sign(signer, world.cluster.put("signrequests", request_object())))
+        assert refusal.reason == "RateLimited" and "policy release allows 3 signatures" in str(refusal)
     run(scenario())
 
 

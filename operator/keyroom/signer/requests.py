@@ -122,20 +122,30 @@ class ClusterReader:
             GROUP, VERSION, namespace, plural, resource_version=not_older_than,
             resource_version_match="NotOlderThan")["items"]
 
-    async def request_keys_policies(self, namespace: str, name: str) -> tuple[dict | None, list[dict], list[dict]]:
-        """The SignRequest (a quorum read), then the namespace's SigningKeys and SigningPolicies as the API
-        server's cache holds them, at least as new as that read of the request.
+    async def request_key_policies(self, namespace: str, name: str) -> tuple[dict | None, dict | None, list[dict]]:
+        """The SignRequest and the SigningKey it names (quorum reads, the key's after the request's), then the
+        namespace's SigningPolicies as the API server's cache holds them, at least as new as that read of the
+        request.
 
-        The lists are served from the watch cache (no etcd read, the costliest
-        part of a request's API calls) but never older than the request: any
-        change to a key or policy made before the request was read is in them.
+        The policies are served from the watch cache (no etcd read) but never
+        older than the request: any change to a policy made before the request
+        was read is in them. Only the named key is read, not every key of the
+        namespace: that list grew with the namespace (10,000 keys: megabytes
+        per request); :meth:`keys` reads it when a rate limit needs it.
         """
         request = await asyncio.to_thread(self._get, "signrequests", namespace, name)
-        version = (request or {}).get("metadata", {}).get("resourceVersion") or None
-        keys, policies = await asyncio.gather(
-            asyncio.to_thread(self._list, "signingkeys", namespace, not_older_than=version),
+        if request is None:
+            return None, None, []
+        version = request.get("metadata", {}).get("resourceVersion") or None
+        key_name = ((request.get("spec") or {}).get("keyRef") or {}).get("name")
+        key, policies = await asyncio.gather(
+            asyncio.to_thread(self._get, "signingkeys", namespace, key_name) if key_name else _nothing(),
             asyncio.to_thread(self._list, "signingpolicies", namespace, not_older_than=version))
-        return request, keys, policies
+        return request, key, policies
+
+    async def keys(self, namespace: str, *, not_older_than: str | None) -> list[dict]:
+        """Every SigningKey of the namespace, as the API server's cache holds them, at least as new as a read."""
+        return await asyncio.to_thread(self._list, "signingkeys", namespace, not_older_than=not_older_than)
 
     async def key(self, namespace: str, name: str) -> dict | None:
         return await asyncio.to_thread(self._get, "signingkeys", namespace, name)
@@ -183,6 +193,10 @@ class ClusterReader:
             if error.status != 404:
                 raise
             core.create_namespaced_config_map(self.namespace, body)
+
+
+async def _nothing() -> None:
+    return None
 
 
 def _strip_status(body: Mapping | None) -> dict | None:
@@ -612,7 +626,7 @@ class RequestSigner:
 
         request_ref = {"namespace": namespace, "name": name, "uid": uid}
         try:
-            request, namespace_keys, policies = await self.reader.request_keys_policies(namespace, name)
+            request, key, policies = await self.reader.request_key_policies(namespace, name)
         except Exception as error:  # never sign on a view that could not be read
             raise Refused("ApiServerUnavailable", f"cannot read the request from the API server: "
                                                   f"{type(error).__name__}", status=503) from None
@@ -624,26 +638,48 @@ class RequestSigner:
         if digests_fingerprint(spec) != fingerprint:
             raise await self._refuse("DigestsMismatch", "the digests the operator named differ from the SignRequest's",
                                request_ref=request_ref, status=409)
-        key = _strip_status(next((k for k in namespace_keys if k["metadata"]["name"] == spec["keyRef"]["name"]),
-                                 None))
+        version = request["metadata"].get("resourceVersion") or None
+        key = _strip_status(key)
         key_meta = (key or {}).get("metadata") or {}
         key_lock_name = "key:" + key_meta.get("uid", "")
         key_lock = self._lock(key_lock_name)
         async with key_lock:  # one-time consumption and version changes are serialised per key
             try:
-                return await self._sign_checked(request, key, namespace_keys, policies, request_ref)
+                return await self._sign_checked(request, key, policies, request_ref, version=version)
             finally:
                 self._unlock_idle(key_lock_name, key_lock)
 
-    async def _sign_checked(self, request: dict, key: dict | None, namespace_keys: list[dict],
-                            policies: list[dict], request_ref: dict) -> dict:
+    async def _key_labels(self, request: dict, key: dict | None, policies: list[dict], recent: policy.RateTally,
+                          request_ref: dict, version: str | None) -> dict[str, dict[str, str]]:
+        """The labels of the namespace's keys, read only when a rate limit counts by them.
+
+        That is when a policy governing the request's key selects keys by label
+        and another key of the namespace signed within the hour: whether the
+        policy counts those signatures depends on that key's labels now.
+        Otherwise no decision reads them (policies naming keys count by name).
+        """
+        key_name = request["spec"]["keyRef"]["name"]
+        own = ((key or {}).get("metadata") or {}).get("labels") or {}
+        by_labels = [p for p in policies if (p.get("spec") or {}).get("keys") is None
+                     and policy.policy_selects(p.get("spec") or {}, key_name=key_name, key_labels=own)]
+        if not by_labels or not any(name != key_name for name in recent.keys()):
+            return {}
+        try:
+            keys_ = await self.reader.keys(request_ref["namespace"], not_older_than=version)
+        except Exception as error:  # never count on a view that could not be read
+            raise Refused("ApiServerUnavailable", f"cannot read the namespace's keys from the API server: "
+                                                  f"{type(error).__name__}", status=503) from None
+        return {k["metadata"]["name"]: dict(k["metadata"].get("labels") or {}) for k in keys_}
+
+    async def _sign_checked(self, request: dict, key: dict | None, policies: list[dict], request_ref: dict, *,
+                            version: str | None) -> dict:
         namespace, name, uid = request_ref["namespace"], request_ref["name"], request_ref["uid"]
         spec = request["spec"]
         now = datetime.datetime.now(datetime.timezone.utc)
         key_meta = (key or {}).get("metadata") or {}
         record = self.log.keys.get(key_meta.get("uid", "")) if key else None
         recent = self.log.rate_tally(namespace, now)
-        labels = {k["metadata"]["name"]: dict(k["metadata"].get("labels") or {}) for k in namespace_keys}
+        labels = await self._key_labels(request, key, policies, recent, request_ref, version)
         decision = policy.decide(request, key=key, key_state=key_state(record), policies=policies, at=now,
                                  recent=recent, key_labels=labels)
         if decision.phase != "Approved":
