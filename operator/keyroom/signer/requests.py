@@ -139,7 +139,7 @@ class ClusterReader:
         version = request.get("metadata", {}).get("resourceVersion") or None
         key_name = ((request.get("spec") or {}).get("keyRef") or {}).get("name")
         key, policies = await asyncio.gather(
-            asyncio.to_thread(self._get, "signingkeys", namespace, key_name) if key_name else _nothing(),
+            self.key(namespace, key_name) if key_name else _nothing(),
             asyncio.to_thread(self._list, "signingpolicies", namespace, not_older_than=version))
         return request, key, policies
 
