@@ -145,7 +145,10 @@ CASES = [
      "must be the hex of a digest of digestAlgorithm"),
     ("request-no-digests", sign_request, _set("spec.digests", []), "spec.digests"),
     ("request-duplicate-names", sign_request, _set("spec.digests", [{"name": "a", "value": SHA256}] * 2),
-     "Duplicate value"),
+     "Duplicate value: two digests share a name; each of spec.digests needs a name of its own"),
+    ("request-attestation-duplicate-names", sign_request, _set("spec.attestations", [
+        {"user": "ci", "digests": [{"name": "a", "value": SHA256}] * 2}]),
+     "Duplicate value: two digests share a name; each of an attestation's digests needs a name of its own"),
     ("request-too-many-digests", sign_request,
      _set("spec.digests", [{"name": f"f{i}", "value": SHA256} for i in range(501)]), "must have at most 500 items"),
     ("request-unknown-format", sign_request, _set("spec.format", "pgp"), "spec.format: Unsupported value"),
