@@ -297,10 +297,10 @@ TTL = "keyroom.dev/ttl-after-finished"
 def _metadata_changes(name: str) -> dict[str, list[str]]:
     """Each way to change a request's labels or annotations, as kubectl arguments."""
     return {
-        "annotate": ["annotate", "signrequest", name, "-n", NAMESPACE, "--overwrite", f"{TTL}=1s"],
+        "annotate": ["annotate", "signrequest", name, "-n", NAMESPACE, "--overwrite", f"{TTL}=2h"],
         "label": ["label", "signrequest", name, "-n", NAMESPACE, "--overwrite", "release=forged"],
         "merge patch": ["patch", "signrequest", name, "-n", NAMESPACE, "--type=merge",
-                        "-p", json.dumps({"metadata": {"annotations": {TTL: "1s"}, "labels": {"x": "y"}}})],
+                        "-p", json.dumps({"metadata": {"annotations": {TTL: "2h"}, "labels": {"x": "y"}}})],
     }
 
 
@@ -335,7 +335,7 @@ def test_nobody_but_the_requester_an_admin_or_the_operator_changes_a_requests_me
         for how, args in _metadata_changes(name).items():
             changed = kubectl(cluster, *args, identity=user)
             assert changed.returncode == 0, f"{user} could not change the request by {how}: {changed.stderr}"
-    assert get(cluster, "signrequest", name, namespace=NAMESPACE)["metadata"]["annotations"][TTL] == "1s"
+    assert get(cluster, "signrequest", name, namespace=NAMESPACE)["metadata"]["annotations"][TTL] == "2h"
     # the operator's own bookkeeping annotations stay writable by its ServiceAccount
     bookkeeping = kubectl(cluster, "annotate", "signrequest", name, "-n", NAMESPACE, "keyroom.dev/progress=x",
                           identity="operator")
