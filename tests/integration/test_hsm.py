@@ -261,6 +261,45 @@ def test_an_indexed_handle_naming_another_key_is_never_signed_with(token):
         token.destroy(theirs)
 
 
+def test_a_batch_is_thrown_away_when_its_handle_names_another_key_by_the_end(token, monkeypatch):
+    """Many signatures share one lookup of the key; a handle found to name another object after the last of them
+    (a deletion midway freed it, and another key took it) returns none of them: the batch is made again."""
+    mine = _handle("batch-mine")
+    mine_der = token.generate(mine, algorithm="ECDSA_P256")
+    digests = [hashlib.sha256(f"batch-{n}".encode()).digest() for n in range(20)]
+    read_back = token._module.private_key_id
+    runs: list[list[bytes]] = []
+    foreign = {"after": 0, "signed": False}
+
+    def private_key_id(session, key):  # what the key's CKA_ID reads as right after a batch has signed
+        if foreign["after"] and foreign["signed"]:
+            foreign["after"] -= 1
+            foreign["signed"] = False
+            return b"another team's key"
+        return read_back(session, key)
+
+    def batch(sign):
+        runs.append([sign(digest, "SHA256") for digest in digests])
+        foreign["signed"] = True
+        return list(runs[-1])
+
+    monkeypatch.setattr(token._module, "private_key_id", private_key_id)
+    try:
+        foreign["after"] = 1  # once: the second run's key reads back as its own
+        signatures = token.signing(mine, batch)
+        assert len(runs) == 2 and signatures == runs[1] and signatures != runs[0]
+        assert all(_verifies(mine_der, s, d) for s, d in zip(signatures, digests))
+
+        runs.clear()
+        foreign.update(after=2, signed=False)  # and again: nothing is returned at all
+        with pytest.raises(hsm.HSMError) as error:
+            token.signing(mine, batch)
+        assert len(runs) == 2 and error.value.reason == "KeyNotFound"
+    finally:
+        monkeypatch.undo()
+        token.destroy(mine)
+
+
 def test_a_token_opened_again_signs_without_searching_per_key(softhsm_token, token, monkeypatch):
     handles = [_handle(f"indexed-{n}") for n in range(3)]
     publics = [token.generate(handle, algorithm="ECDSA_P256") for handle in handles]

@@ -76,7 +76,7 @@ import queue
 import re
 import threading
 import uuid
-from typing import Any, Callable
+from typing import Any, Callable, TypeVar
 
 import pkcs11
 from cryptography.hazmat.primitives import serialization
@@ -86,6 +86,8 @@ from pkcs11 import Attribute, KeyType, Mechanism, MechanismFlag, ObjectClass
 from pkcs11 import exceptions as p11
 from pkcs11.mechanisms import MGF
 from pkcs11.util.ec import encode_named_curve_parameters
+
+T = TypeVar("T")
 
 logger = logging.getLogger("keyroom.signer.hsm")
 
@@ -833,7 +835,9 @@ class Token:
         The handle must still name this key: a handle freed by a deletion
         elsewhere may since name another object, and signing with another
         team's key is the one thing never to do. So its CKA_ID is read back
-        first; a stale or foreign handle is dropped and the key searched for once more.
+        before ``use`` and again after it (``use`` may make many signatures);
+        a stale or foreign handle is dropped, whatever ``use`` made is thrown
+        away, and the key is searched for and used once more.
         """
         module = self._module
         for attempt in (1, 2):
@@ -842,7 +846,10 @@ class Token:
             try:
                 if module.private_key_id(session, entry[0]) != handle.object_id:
                     raise p11.ObjectHandleInvalid()
-                return use(session, *entry)
+                result = use(session, *entry)
+                if module.private_key_id(session, entry[0]) != handle.object_id:
+                    raise p11.ObjectHandleInvalid()
+                return result
             except _HANDLE_STALE:
                 self._forget(handle.object_id, entry)
                 if attempt == 2:
@@ -926,37 +933,50 @@ class Token:
         DigestInfo (``pkcs1v15``) or PSS with MGF1 of the same hash and a salt
         as long as the digest (``pss``).
         """
-        length = DIGEST_ALGORITHMS.get(digest_algorithm)
-        if length is None:
-            raise HSMError("InvalidRequest", f"unknown digest algorithm {digest_algorithm!r}; "
-                                             f"use one of {', '.join(DIGEST_ALGORITHMS)}")
-        if not isinstance(digest, bytes | bytearray) or len(digest) != length:
-            size = len(digest) if isinstance(digest, bytes | bytearray) else type(digest).__name__
-            raise HSMError("InvalidRequest", f"a {digest_algorithm} digest is {length} bytes, not {size}")
+        return self.signing(handle, lambda sign: sign(digest, digest_algorithm), rsa_padding=rsa_padding)
+
+    def signing(self, handle: KeyHandle, use: Callable[[Callable[[bytes, str], bytes]], T], *,
+                rsa_padding: str = "pkcs1v15") -> T:
+        """``use(sign)``, where ``sign(digest, digest_algorithm)`` signs as :meth:`sign` does with ``handle``'s key.
+
+        All of ``use``'s signatures are made on one session after one lookup of
+        the key: a batch of 500 digests reads the key's CKA_ID twice, not 500
+        times. If the handle turns out stale afterwards, ``use`` runs once more
+        (so it must not have side effects beyond what it returns).
+        """
         if rsa_padding not in RSA_PADDINGS:
             raise HSMError("InvalidRequest", f"unknown RSA padding {rsa_padding!r}; use pkcs1v15 or pss")
         if rsa_padding == "pss" and self._mechanisms is not None and Mechanism.RSA_PKCS_PSS not in self._mechanisms:
             raise HSMError("InvalidRequest", f"the token {self.token_label!r} lacks CKM_RSA_PKCS_PSS: RSA-PSS "
                                              "signatures cannot be made with it")
-        digest = bytes(digest)
         pool = self._pool
         if pool is None:
             raise HSMError("DeviceError", f"the token {self.token_label!r} is not open")
         module = self._module
 
-        def sign_with(session: int, key: int, is_ec: bool) -> bytes:
-            if is_ec:
-                raw = module.sign(session, key, Mechanism.ECDSA, digest)
-                half = len(raw) // 2
-                return encode_dss_signature(int.from_bytes(raw[:half], "big"), int.from_bytes(raw[half:], "big"))
-            if rsa_padding == "pkcs1v15":
-                return module.sign(session, key, Mechanism.RSA_PKCS, _DIGEST_INFO[digest_algorithm] + digest)
-            return module.sign(session, key, Mechanism.RSA_PKCS_PSS, digest,
-                               _PssParams(*_PSS_PARAMS[digest_algorithm]))
+        def with_key(session: int, key: int, is_ec: bool) -> T:
+            def sign(digest: bytes, digest_algorithm: str) -> bytes:
+                length = DIGEST_ALGORITHMS.get(digest_algorithm)
+                if length is None:
+                    raise HSMError("InvalidRequest", f"unknown digest algorithm {digest_algorithm!r}; "
+                                                     f"use one of {', '.join(DIGEST_ALGORITHMS)}")
+                if not isinstance(digest, bytes | bytearray) or len(digest) != length:
+                    size = len(digest) if isinstance(digest, bytes | bytearray) else type(digest).__name__
+                    raise HSMError("InvalidRequest", f"a {digest_algorithm} digest is {length} bytes, not {size}")
+                digest = bytes(digest)
+                if is_ec:
+                    raw = module.sign(session, key, Mechanism.ECDSA, digest)
+                    half = len(raw) // 2
+                    return encode_dss_signature(int.from_bytes(raw[:half], "big"), int.from_bytes(raw[half:], "big"))
+                if rsa_padding == "pkcs1v15":
+                    return module.sign(session, key, Mechanism.RSA_PKCS, _DIGEST_INFO[digest_algorithm] + digest)
+                return module.sign(session, key, Mechanism.RSA_PKCS_PSS, digest,
+                                   _PssParams(*_PSS_PARAMS[digest_algorithm]))
+            return use(sign)
 
         pooled = self._take(pool)
         try:
-            return self._with_private_key(pooled, handle, sign_with)
+            return self._with_private_key(pooled, handle, with_key)
         except p11.PKCS11Error as error:
             raise self._failure(pooled, error, "sign with", handle) from None
         finally:

@@ -718,13 +718,13 @@ class RequestSigner:
         signing_time = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0)
         started = time.perf_counter()
         try:
-            # One session signs the batch: SoftHSM2 serialises signing, so sessions in parallel only add overhead.
-            signatures = await self._in_token("sign", lambda token: [
+            # One session and one lookup of the key sign the batch: SoftHSM2 serialises signing, so sessions in
+            # parallel only add overhead.
+            signatures = await self._in_token("sign", lambda token: token.signing(handle, lambda sign: [
                 formats.build(fmt, digest=value, digest_algorithm=algorithm, embedded=embedded, manifest=manifest,
-                              public_key_der=public_key_der, signing_time=signing_time,
-                              sign=lambda d, a: token.sign(handle, digest=d, digest_algorithm=a),
+                              public_key_der=public_key_der, signing_time=signing_time, sign=sign,
                               apk_signed_data=apk_signed_data, name=d["name"])
-                for d, value in zip(spec["digests"], values)])
+                for d, value in zip(spec["digests"], values)]))
         except formats.FormatError as error:
             await self._abandon(intent, f"the {fmt} signature could not be built: {error}")
             raise await self._refuse("FormatError", f"the {fmt} signature could not be built: {error}",
