@@ -18,6 +18,7 @@ import kopf
 
 from keyroom import metrics
 from keyroom.controllers import certificate as _certificate  # noqa: F401  (registers the handlers)
+from keyroom.controllers import essence
 from keyroom.controllers import notify as _notify  # noqa: F401
 from keyroom.controllers import policy as _policy  # noqa: F401
 from keyroom.controllers import readiness
@@ -47,9 +48,8 @@ def quiet_watch_successes(record: logging.LogRecord) -> bool:
 @kopf.on.startup()
 def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     settings.persistence.finalizer = f"{PREFIX}/finalizer"
-    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=PREFIX)
-    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-        prefix=PREFIX, key="last-handled-configuration")
+    settings.persistence.progress_storage = essence.ProgressStorage(prefix=PREFIX)
+    settings.persistence.diffbase_storage = essence.DiffBaseStorage(prefix=PREFIX, key="last-handled-configuration")
     settings.watching.server_timeout = 270
     settings.watching.client_timeout = 300
     settings.watching.connect_timeout = 30
