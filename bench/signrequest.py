@@ -383,10 +383,12 @@ def main(argv: list[str] | None = None) -> int:
                 catch_up = Watcher(api)
                 create(_request("after-restart", keys["ECDSA_P256"], [hashlib.sha256(b"restart").hexdigest()]))
                 catch_up.wait_signed(["after-restart"], timeout=600)
-                figures["operator_catchup_s"] = catch_up.signed["after-restart"] - restarted
+                # the figure the goal is set for is at 10,000 keys; other sizes are named by theirs
+                catch_up_figure = "operator_catchup_s" if suffix == "10k" else f"operator_catchup_s_at_{suffix}"
+                figures[catch_up_figure] = catch_up.signed["after-restart"] - restarted
                 catch_up.stop()
-                print(f"operator restarted: a new request Signed {figures['operator_catchup_s']:.1f}s after the "
-                      f"restart began (goal under 30 s)")
+                print(f"operator restarted: a new request Signed {figures[catch_up_figure]:.1f}s after the "
+                      f"restart began (goal under 30 s at 10,000 keys)")
         finally:
             if args.logs:
                 shutil.copytree(state_dir / "logs", args.logs, dirs_exist_ok=True)
