@@ -87,12 +87,21 @@ def test_the_cache_keeps_little_of_a_final_request_and_never_goes_back_in_time()
     cache = Requests()
     cache.remember(body(3, "Pending"))
     assert "managedFields" not in cache.bodies[("team-a", "r")]["metadata"]
-    cache.remember(body(5, "Signed", signatures=[{"name": "a", "value": "MEUC"}], signedAt="2026-11-26T12:00:00Z"))
+    final = body(5, "Signed", signatures=[{"name": "a", "value": "MEUC"}], signedAt="2026-11-26T12:00:00Z",
+                 finishedAt="2026-11-26T12:00:01Z", message="1 signature(s)", approvals=[{"user": "bob"}],
+                 conditions=[{"type": "Ready", "status": "True", "message": "signed"}], audit={"index": 3})
+    final["metadata"].update(labels={"release": "1.4"}, finalizers=["x"], creationTimestamp="2026-11-26T11:00:00Z")
+    final["metadata"]["annotations"]["kubectl.kubernetes.io/last-applied-configuration"] = '{"spec": {}}'
+    final["spec"].update(requester={"username": "alice"}, reason="release")
+    cache.remember(final)
     kept = cache.bodies[("team-a", "r")]
-    assert kept["spec"]["digests"] == [{"name": "a"}] and "signatures" not in kept["status"]
-    assert kept["metadata"]["annotations"] == {"keyroom.dev/ttl-after-finished": "1h"}
-    assert "managedFields" not in kept["metadata"]
+    assert kept["spec"] == {"keyRef": {"name": "k"}, "digests": [{"name": "a"}]}
+    assert kept["status"] == {"phase": "Signed", "signedAt": "2026-11-26T12:00:00Z",
+                              "finishedAt": "2026-11-26T12:00:01Z"}
+    assert kept["metadata"] == {"namespace": "team-a", "name": "r", "uid": "u1", "resourceVersion": "5",
+                                "annotations": {"keyroom.dev/ttl-after-finished": "1h"}}
     assert recent_signatures([kept], AT)[0].count == 1
+    assert removal_due(kept, default_ttl="7d") == removal_due(final, default_ttl="7d") is not None
     cache.remember(body(4, "Signing"))  # an older event arriving late changes nothing
     assert cache.bodies[("team-a", "r")]["status"]["phase"] == "Signed"
 

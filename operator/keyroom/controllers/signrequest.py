@@ -168,8 +168,9 @@ def _revision(body: Mapping) -> int:
         return 0
 
 
-#: where Kopf keeps the spec it last handled (see keyroom.operator); a copy of the whole spec
-DIFFBASE_ANNOTATION = "keyroom.dev/last-handled-configuration"
+#: what the operator keeps of a final request's metadata and status (see Requests.remember)
+FINAL_METADATA_KEPT = ("name", "namespace", "uid", "resourceVersion", "generation", "deletionTimestamp")
+FINAL_STATUS_KEPT = ("phase", "finishedAt", "signedAt")
 
 
 @dataclasses.dataclass
@@ -202,12 +203,15 @@ class Requests:
             spec, status = dict(body["spec"]), dict(body.get("status") or {})
             meta = {k: v for k, v in body["metadata"].items() if k != "managedFields"}
             if status.get("phase") in TERMINAL_PHASES:
-                # a final request is kept only for rate limits and its removal: drop digest values and signatures,
-                # and Kopf's copy of the spec (digests included) in its annotation
-                spec["digests"] = [{"name": d["name"]} for d in spec["digests"]]
-                status.pop("signatures", None)
-                meta["annotations"] = {k: v for k, v in (meta.get("annotations") or {}).items()
-                                       if k != DIFFBASE_ANNOTATION}
+                # A final request is kept only for the rate limits (its key, digest count and signing time), its
+                # removal (its TTL and finishedAt) and the Events of its last write (its identity): thousands of
+                # them are normal, so nothing else of it is kept (not its conditions, approvals or annotations).
+                spec = {"keyRef": spec["keyRef"], "digests": [{"name": d["name"]} for d in spec["digests"]]}
+                status = {k: status[k] for k in FINAL_STATUS_KEPT if k in status}
+                annotations = meta.get("annotations") or {}
+                meta = {k: meta[k] for k in FINAL_METADATA_KEPT if k in meta}
+                if TTL_ANNOTATION in annotations:
+                    meta["annotations"] = {TTL_ANNOTATION: annotations[TTL_ANNOTATION]}
             kept = {"apiVersion": body.get("apiVersion"), "kind": body.get("kind"),
                     "metadata": meta, "spec": spec, "status": status}
             self.bodies[key] = kept
