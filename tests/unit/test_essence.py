@@ -97,3 +97,30 @@ def test_clearing_progress_annotations_copies_no_spec():
     assert cleared == {"spec": {"a": 1}, "metadata": {"annotations": {"keep": "me"}}}
     with pytest.raises(AssertionError, match="deep-copied"):
         kopf.AnnotationsProgressStorage(prefix=PREFIX).clear(essence=raw)
+
+
+def test_a_detached_context_posts_events_but_holds_nothing_of_the_event_being_handled():
+    import asyncio
+    import contextvars
+
+    from kopf._core.actions import execution
+    from kopf._core.engines import posting
+
+    handled = contextvars.ContextVar("handled")  # stands for Kopf's cause, handler and the like
+
+    async def scenario():
+        queue: asyncio.Queue = asyncio.Queue()
+        posting.event_queue_loop_var.set(asyncio.get_running_loop())
+        posting.event_queue_var.set(queue)
+        posting.settings_var.set(kopf.OperatorSettings())
+        execution.cause_var.set("the cause with the whole body")
+        handled.set("the event's body")
+        detached = essence.detached_context()
+        assert execution.cause_var not in detached and handled not in detached
+        body = {"apiVersion": "keyroom.dev/v1alpha1", "kind": "SignRequest",
+                "metadata": {"name": "r", "namespace": "team-a", "uid": "u"}}
+        detached.run(kopf.info, body, reason="Expired", message="no approval in time")
+        event = await asyncio.wait_for(queue.get(), 1)
+        assert (event.ref["name"], event.reason, event.message) == ("r", "Expired", "no approval in time")
+
+    asyncio.run(scenario())

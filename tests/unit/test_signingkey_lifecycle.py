@@ -310,3 +310,41 @@ def test_the_signature_count_comes_from_the_logs_signed_entries():
                          "signatures": [{"name": "f", "hash": "sha256:y"}]})
     assert keys.mirror(records["u"], spec=None)["signatureCount"] == 4
     assert "elsewhere" not in records
+
+
+def test_one_kopf_handler_tells_every_kind_of_a_key_event_and_one_failing_stops_none(monkeypatch):
+    import asyncio
+
+    import kopf
+
+    from keyroom.controllers import daemon
+
+    heard = []
+
+    async def failing(**kwargs):
+        heard.append(("failing", kwargs["name"]))
+        raise RuntimeError("a listener's bug")
+
+    async def listening(body, type, memo, signing_keys, **_):
+        heard.append(("listening", body["metadata"]["name"], type, signing_keys))
+
+    monkeypatch.setattr(sk, "_KEY_EVENT_LISTENERS", [failing, listening])
+    memo = kopf.Memo()
+
+    async def scenario():
+        memo.signing_keys = daemon.Scheduler("signingkey", lambda body: asyncio.sleep(0))
+        body = kopf.Body({"metadata": {"namespace": "team-a", "name": "k", "uid": "u", "resourceVersion": "1"},
+                          "spec": {"algorithm": "ECDSA_P256"}})
+        for event in ("ADDED", "MODIFIED"):
+            await sk.signing_key_seen(body=body, type=event, memo=memo, name="k", namespace="team-a",
+                                      signing_keys="the index")
+        await memo.signing_keys.stop()
+        return len(memo.signing_keys)
+
+    assert asyncio.run(scenario()) == 1  # the scheduler saw the key as well
+    assert heard == [("failing", "k"), ("listening", "k", "ADDED", "the index"),
+                     ("failing", "k"), ("listening", "k", "MODIFIED", "the index")]
+    monkeypatch.undo()
+    from keyroom.controllers import certificate, policy, signrequest  # each registers what it does on a key event
+    assert {certificate.key_changed_for_certificates, policy.key_changed,
+            signrequest.key_changed_for_requests} <= set(sk._KEY_EVENT_LISTENERS)

@@ -106,6 +106,29 @@ def test_the_cache_keeps_little_of_a_final_request_and_never_goes_back_in_time()
     assert cache.bodies[("team-a", "r")]["status"]["phase"] == "Signed"
 
 
+def test_a_requests_timer_runs_without_the_context_of_the_handler_that_set_it():
+    """10,000 finished requests each wait for their removal: their timers must not hold the event being handled."""
+    import asyncio
+    import contextvars
+
+    from keyroom.controllers.signrequest import Requests
+    handled = contextvars.ContextVar("handled")  # stands for Kopf's cause, with the event's whole body
+    seen = []
+
+    async def run(namespace, name):
+        seen.append((namespace, name, handled.get(None)))
+
+    async def scenario():
+        cache = Requests()
+        handled.set({"metadata": {"managedFields": ["..."]}})
+        cache.wake_at("team-a", "r", datetime.datetime.now(datetime.timezone.utc), run)
+        while not seen:
+            await asyncio.sleep(0.01)
+
+    asyncio.run(asyncio.wait_for(scenario(), 5))
+    assert seen == [("team-a", "r", None)]
+
+
 def test_an_absurd_ttl_annotation_falls_back_instead_of_overflowing():
     from keyroom.controllers import signrequest as sr
     body = {"metadata": {"annotations": {sr.TTL_ANNOTATION: "9" * 30 + "d"}},
@@ -210,6 +233,8 @@ VERSION_STATES = hypothesis.strategies.sampled_from(["Enabled", "Disabled", "Pen
     phase=hypothesis.strategies.sampled_from(["Active", "Offline", "Destroyed", "Consumed", "Pending"]),
     consumed=hypothesis.strategies.sampled_from([None, "release-1"]))
 def test_the_operator_keeps_of_a_key_status_all_its_decisions_read_and_drops_the_rest(versions, phase, consumed):
+    import asyncio
+
     from keyroom.controllers.signrequest import signing_keys
     status = {"phase": phase, "message": "m" * 200, "online": True, "currentVersion": 1,
               "conditions": [{"type": "Ready", "status": "True", "reason": "KeyAvailable", "message": "x"}],
@@ -220,7 +245,7 @@ def test_the_operator_keeps_of_a_key_status_all_its_decisions_read_and_drops_the
         status["consumedBy"] = consumed
     body = {"metadata": {"name": "k", "namespace": "team-a", "uid": "u", "labels": {"team": "a"}},
             "spec": {"algorithm": "ECDSA_P256"}, "status": status}
-    kept = signing_keys(namespace="team-a", name="k", body=body)[("team-a", "k")]
+    kept = asyncio.run(signing_keys(namespace="team-a", name="k", body=body))[("team-a", "k")]
     assert policy.KeyState.from_status(kept["status"]) == policy.KeyState.from_status(status)
     assert kept["status"].get("consumedBy") == status.get("consumedBy")
     assert "conditions" not in kept["status"] and "message" not in kept["status"]

@@ -24,7 +24,7 @@ import kubernetes
 
 from keyroom import conditions, kubeclient, schedule
 from keyroom.api.common import CERTIFICATE_LABEL, CERTIFICATE_SECRET_TYPE, GROUP, VERSION
-from keyroom.controllers import daemon, kube
+from keyroom.controllers import daemon, kube, signingkey
 from keyroom.signer.client import SignerClient, SignerError
 
 _MAX_BACKOFF = 60.0
@@ -342,6 +342,6 @@ async def certificate_changed(body: kopf.Body, type: str | None, namespace: str,
         _wake(memo, namespace, ca=name)  # the certificates a CA issued follow its changes
 
 
-@kopf.on.event(GROUP, VERSION, "signingkeys")
+@signingkey.on_key_event
 async def key_changed_for_certificates(namespace: str, name: str, memo: kopf.Memo, **_: Any) -> None:
     _wake(memo, namespace, key=name)

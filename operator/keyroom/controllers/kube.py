@@ -60,6 +60,26 @@ async def patch_status(*, plural: str, namespace: str, name: str, status: dict,
     return await asyncio.to_thread(call)
 
 
+async def set_finalizers(*, plural: str, namespace: str, name: str, finalizers: list[str],
+                         resource_version: str) -> dict[str, Any]:
+    """Replace the object's finalizers, if it is still at ``resource_version`` (else :class:`Conflict`).
+
+    The list is written whole, so the write is conditional: a finalizer
+    another controller added or removed meanwhile is never undone.
+    """
+    patch = {"metadata": {"resourceVersion": resource_version, "finalizers": finalizers or None}}
+
+    def call():
+        try:
+            return _api().patch_namespaced_custom_object(GROUP, VERSION, namespace, plural, name, patch)
+        except kubernetes.client.ApiException as error:
+            if error.status == 409:
+                raise Conflict(f"{plural} {namespace}/{name} changed since resourceVersion {resource_version}") \
+                    from None
+            raise
+    return await asyncio.to_thread(call)
+
+
 async def delete(*, plural: str, namespace: str, name: str, uid: str) -> None:
     """Delete exactly this object (a re-created one of the same name has another UID); gone is fine."""
     def call():

@@ -20,15 +20,18 @@ import kopf
 
 from keyroom import conditions, policy
 from keyroom.api.common import GROUP, VERSION
-from keyroom.controllers import kube
+from keyroom.controllers import kube, signingkey
 
+
+# The indexes are async although they await nothing: Kopf runs plain functions in its thread pool (see
+# keyroom.controllers.signrequest.signing_keys).
 @kopf.index(GROUP, VERSION, "signingkeys")
-def keys_by_namespace(namespace: str, name: str, labels: Mapping[str, str], **_: Any) -> dict:
+async def keys_by_namespace(namespace: str, name: str, labels: Mapping[str, str], **_: Any) -> dict:
     return {namespace: (name, dict(labels))}
 
 
 @kopf.index(GROUP, VERSION, "signingpolicies")
-def policies_by_namespace(namespace: str, body: kopf.Body, **_: Any) -> dict:
+async def policies_by_namespace(namespace: str, body: kopf.Body, **_: Any) -> dict:
     """The namespace's policies as last seen, so a key event needs no API read to re-check them."""
     return {namespace: {"apiVersion": body["apiVersion"], "kind": body["kind"], "metadata": dict(body["metadata"]), "spec": dict(body.get("spec") or {}),
                         "status": dict(body.get("status") or {})}}
@@ -99,7 +102,7 @@ def setup_policies(memo: kopf.Memo, **_: Any) -> None:
     memo.policy_tasks = set()  # the passes running (the event loop keeps only weak references to tasks)
 
 
-@kopf.on.event(GROUP, VERSION, "signingkeys")
+@signingkey.on_key_event
 async def key_changed(namespace: str, memo: kopf.Memo, policies_by_namespace: kopf.Index,
                       keys_by_namespace: kopf.Index, **_: Any) -> None:
     """Reconcile the namespace's policies once the key events of the next moment are in (one pass for all)."""

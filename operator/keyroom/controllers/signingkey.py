@@ -17,12 +17,20 @@ deleted SigningKey) as PendingDestruction and is destroyed in the HSM only at
 its own ``destroyAt``. Until then it can be cancelled: raise ``keepVersions``,
 or, for a deleted SigningKey, set ``spec.deletionPolicy: Retain``. A forged
 status changes none of this: the signer never reads status.
+
+A key's first pass adds the finalizer :data:`FINALIZER` before the signer is
+asked for anything, so no key material exists for a key that could vanish
+unsettled. Once the key is deleted, a second scheduler takes it over
+(:func:`_settle`) and removes the finalizer when the signer says its material
+is destroyed or retained. The operator has no Kopf change handler for keys:
+Kopf's diff base and progress annotations, a write on each key's creation and
+its bookkeeping on every event, were all for the one deletion handler.
 """
 from __future__ import annotations
 
-import asyncio
 import datetime
-from typing import Any, Callable, Mapping
+import logging
+from typing import Any, Awaitable, Callable, Mapping
 
 import kopf
 
@@ -43,6 +51,10 @@ _STALLING = {"SignerUnauthenticated", "SignerForbidden", "PinIncorrect", "PinLoc
              "KeyMaterialMissing"}
 #: how often a deleting key asks the signer again (so that deletionPolicy: Retain cancels quickly)
 _DELETION_POLL_SECONDS = 10.0
+#: what keeps a deleted SigningKey until the signer has settled its key material (destroyed or retained it)
+FINALIZER = "keyroom.dev/key-material"
+
+logger = logging.getLogger(__name__)
 
 
 def now() -> datetime.datetime:
@@ -233,6 +245,17 @@ async def _pass(body: dict, *, memo: kopf.Memo, settings: kopf.OperatorSettings)
     body = await daemon.write_first_status(plural="signingkeys", body=body,
                                            message="asking the signer for the key's record",
                                            written=memo.signing_keys.written)
+    finalizers = list(body["metadata"].get("finalizers") or [])
+    if FINALIZER not in finalizers:
+        # before the signer is first asked, so that no key material exists for a key that can vanish unsettled
+        meta = body["metadata"]
+        try:
+            body = await kube.set_finalizers(plural="signingkeys", namespace=meta["namespace"], name=meta["name"],
+                                             finalizers=finalizers + [FINALIZER],
+                                             resource_version=meta["resourceVersion"])
+        except kube.Conflict:
+            return now() + _STALE_RETRY  # the newer version's event usually brings the next pass sooner
+        memo.signing_keys.written(body)
     try:
         return await reconcile(body=body, signer=memo.get("signer"), at=now(),
                                logger=kopf.ObjectLogger(body=kopf.Body(body), settings=settings),
@@ -241,16 +264,76 @@ async def _pass(body: dict, *, memo: kopf.Memo, settings: kopf.OperatorSettings)
         raise (daemon.Stalled if error.reason in _FIXED_BY_A_CHANGE else daemon.Retry)(str(error)) from None
 
 
+async def _settle(body: dict, *, memo: kopf.Memo) -> datetime.datetime | None:
+    """One pass over a deleted SigningKey: the deletion never destroys key material silently (module docstring).
+
+    The signer schedules the destruction when it sees the deletion and
+    destroys each version at its own ``destroyAt``; a pass asks it again (at
+    the latest every few seconds, so that ``deletionPolicy: Retain`` cancels
+    at once, and at once on any change) and lets the object go, by removing
+    :data:`FINALIZER`, when the signer says it is finished.
+    """
+    meta, status = body["metadata"], body.get("status") or {}
+    if FINALIZER not in (meta.get("finalizers") or []):
+        return None  # not held (deleted before its first pass): the signer made no key material for it
+    signer: SignerClient | None = memo.get("signer")
+    if signer is None:
+        raise daemon.Retry("the operator has no signer to settle the key material with")
+    try:
+        record = await signer.reconcile_key(namespace=meta["namespace"], name=meta["name"], uid=meta["uid"])
+    except SignerError as error:
+        if error.reason == "KeyNotFound":  # the signer never held material for this key
+            await _let_go(body)
+            return None
+        logger.warning("signing key %s/%s: cannot settle the key material yet: %s (%s)", meta["namespace"],
+                       meta["name"], error, error.reason)
+        raise daemon.Retry(str(error)) from None
+    if record["versions"] != status.get("versions"):
+        for reason, message in changes(status.get("versions") or [], record["versions"]):
+            kopf.info(body, reason=reason, message=message)
+        body = await kube.patch_status(plural="signingkeys", namespace=meta["namespace"], name=meta["name"],
+                                       status={"versions": record["versions"], "phase": "Offline",
+                                               "online": False, "currentVersion": None})
+        memo.key_deletions.written(body)
+    if not record["finished"]:
+        due = schedule.parse_time(record["nextChangeAt"]) if record.get("nextChangeAt") else None
+        wait = _DELETION_POLL_SECONDS if due is None else min(_DELETION_POLL_SECONDS,
+                                                              max(0.0, (due - now()).total_seconds()))
+        return now() + datetime.timedelta(seconds=wait)
+    await _let_go(body)
+    retained = any(v["state"] != "Destroyed" for v in record["versions"])
+    kopf.info(body, reason="KeyRetained" if retained else "KeyDestroyed",
+              message="deletionPolicy Retain: the key material stays in the HSM" if retained
+              else "every version was destroyed in the HSM")
+    return None
+
+
+async def _let_go(body: Mapping) -> None:
+    """Remove :data:`FINALIZER` from a deleted key (the API server then removes it, unless others hold it)."""
+    meta = body["metadata"]
+    try:
+        await kube.set_finalizers(plural="signingkeys", namespace=meta["namespace"], name=meta["name"],
+                                  finalizers=[f for f in meta.get("finalizers") or [] if f != FINALIZER],
+                                  resource_version=meta["resourceVersion"])
+    except kube.Conflict:
+        raise daemon.Retry("the key changed while it was let go; asking the signer again") from None
+
+
 @kopf.on.startup()
 async def setup_signing_keys(memo: kopf.Memo, settings: kopf.OperatorSettings, **_: Any) -> None:
     async def one_pass(body: dict) -> datetime.datetime | None:
         return await _pass(body, memo=memo, settings=settings)
+
+    async def one_settlement(body: dict) -> datetime.datetime | None:
+        return await _settle(body, memo=memo)
     memo.signing_keys = daemon.Scheduler("signingkey", one_pass, max_backoff=_MAX_BACKOFF)
+    memo.key_deletions = daemon.Scheduler("signingkey-deletion", one_settlement, max_backoff=_MAX_BACKOFF)
 
 
 @kopf.on.cleanup()
 async def stop_signing_keys(memo: kopf.Memo, **_: Any) -> None:
     await memo.signing_keys.stop()
+    await memo.key_deletions.stop()
 
 
 #: how soon a key's status shows a signature made with it: signatures within this time share one status write
@@ -268,51 +351,40 @@ def wake(memo: kopf.Memo, namespace: str, name: str) -> None:
     memo.signing_keys.wake((namespace, name), after=SIGNATURE_COUNT_DELAY)
 
 
+#: what the other kinds do when a SigningKey changes (its requests decide again, its policies and
+#: certificates show it), each called with Kopf's arguments of the event: see :func:`on_key_event`
+_KEY_EVENT_LISTENERS: list[Callable[..., Awaitable[None]]] = []
+
+
+def on_key_event(listener: Callable[..., Awaitable[None]]) -> Callable[..., Awaitable[None]]:
+    """Have ``listener`` called on every SigningKey watch event, with the arguments of a Kopf event handler.
+
+    One Kopf handler calls them all: Kopf's bookkeeping around each handler
+    (its state, arguments, context and log records) cost more than what the
+    four of them did, and a restarted operator goes through it for every key.
+    A listener's failure is logged and stops neither the others nor the next
+    event, as with Kopf's own event handlers.
+    """
+    _KEY_EVENT_LISTENERS.append(listener)
+    return listener
+
+
 @kopf.on.event(GROUP, VERSION, "signingkeys")
-async def signing_key_seen(body: kopf.Body, type: str | None, memo: kopf.Memo, **_: Any) -> None:
+async def signing_key_seen(body: kopf.Body, type: str | None, memo: kopf.Memo, **kwargs: Any) -> None:
     # async on purpose: Kopf runs plain functions in worker threads, and the scheduler is not thread-safe
     meta = body["metadata"]
-    if type == "DELETED" or meta.get("deletionTimestamp"):
-        memo.signing_keys.forget((meta["namespace"], meta["name"]))  # the deletion handler takes over
+    place = (meta["namespace"], meta["name"])
+    if type == "DELETED":
+        memo.signing_keys.forget(place)
+        memo.key_deletions.forget(place)
+    elif meta.get("deletionTimestamp"):
+        memo.signing_keys.forget(place)  # the settlement of its key material takes over
+        memo.key_deletions.seen(body)
     else:
         memo.signing_keys.seen(body)
-
-
-@kopf.on.delete(GROUP, VERSION, "signingkeys")
-async def delete_signing_key(body: kopf.Body, meta: Mapping, status: Mapping, memo: kopf.Memo,
-                             **_: Any) -> None:
-    """Deleting a SigningKey never destroys key material silently: see the module docstring.
-
-    The signer schedules the destruction when it sees the deletion and
-    destroys each version at its own ``destroyAt``; this handler only asks it
-    again every few seconds (so that ``deletionPolicy: Retain`` cancels at
-    once) and lets the object go when the signer says it is finished.
-    """
-    signer: SignerClient | None = memo.get("signer")
-    if signer is None:
-        raise kopf.TemporaryError("the operator has no signer to settle the key material with", delay=60)
-    shown = dict(status)
-    while True:
+    for listener in _KEY_EVENT_LISTENERS:
         try:
-            record = await signer.reconcile_key(namespace=meta["namespace"], name=meta["name"], uid=meta["uid"])
-        except SignerError as error:
-            if error.reason == "KeyNotFound":
-                return  # the signer never held material for this key
-            raise kopf.TemporaryError(f"cannot settle the key material yet: {error} ({error.reason})", delay=30)
-        if record["versions"] != shown.get("versions"):
-            for reason, message in changes(shown.get("versions") or [], record["versions"]):
-                kopf.info(body, reason=reason, message=message)
-            await kube.patch_status(plural="signingkeys", namespace=meta["namespace"], name=meta["name"],
-                                    status={"versions": record["versions"], "phase": "Offline", "online": False,
-                                            "currentVersion": None})
-            shown["versions"] = record["versions"]
-        if record["finished"]:
-            retained = any(v["state"] != "Destroyed" for v in record["versions"])
-            kopf.info(body, reason="KeyRetained" if retained else "KeyDestroyed",
-                      message="deletionPolicy Retain: the key material stays in the HSM" if retained
-                      else "every version was destroyed in the HSM")
-            return
-        due = schedule.parse_time(record["nextChangeAt"]) if record.get("nextChangeAt") else None
-        wait = _DELETION_POLL_SECONDS if due is None else min(_DELETION_POLL_SECONDS,
-                                                              max(0.0, (due - now()).total_seconds()))
-        await asyncio.sleep(wait)
+            await listener(body=body, type=type, memo=memo, **kwargs)
+        except Exception:
+            logger.exception("signing key %s/%s: %s failed on its event", meta.get("namespace"), meta.get("name"),
+                             listener.__qualname__)
