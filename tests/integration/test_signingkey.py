@@ -125,6 +125,8 @@ def test_online_flips_at_the_window_edges(cluster, unique):
 def test_deleting_a_key_destroys_its_material_only_after_the_delay(cluster, unique):
     name, _ = _ready_key(cluster, unique, destructionDelay="3s")
     label = key_label(cluster, name, 1)
+    held = json.loads(kubectl(cluster, "get", "signingkey", name, "-n", NAMESPACE, "-o", "json").stdout)["metadata"]
+    assert held["finalizers"] == ["keyroom.dev/key-material"]  # what holds it until its material is settled
     assert kubectl(cluster, "delete", "signingkey", name, "-n", NAMESPACE, "--wait=false").returncode == 0
     pending = wait_for(lambda: (s := _status(cluster, name)).get("versions", [{}])[0].get("state")
                        == "PendingDestruction" and s, what="destruction to be scheduled")
