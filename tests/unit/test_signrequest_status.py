@@ -115,15 +115,17 @@ def test_a_requests_timer_runs_without_the_context_of_the_handler_that_set_it():
     handled = contextvars.ContextVar("handled")  # stands for Kopf's cause, with the event's whole body
     seen = []
 
-    async def run(namespace, name):
-        seen.append((namespace, name, handled.get(None)))
-
     async def scenario():
+        ran = asyncio.Event()
+
+        async def run(namespace, name):
+            seen.append((namespace, name, handled.get(None)))
+            ran.set()
+
         cache = Requests()
         handled.set({"metadata": {"managedFields": ["..."]}})
         cache.wake_at("team-a", "r", datetime.datetime.now(datetime.timezone.utc), run)
-        while not seen:
-            await asyncio.sleep(0.01)
+        await ran.wait()
 
     asyncio.run(asyncio.wait_for(scenario(), 5))
     assert seen == [("team-a", "r", None)]

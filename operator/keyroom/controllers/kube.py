@@ -48,16 +48,8 @@ async def patch_status(*, plural: str, namespace: str, name: str, status: dict,
     patch: dict[str, Any] = {"status": status}
     if resource_version is not None:
         patch["metadata"] = {"resourceVersion": resource_version}
-
-    def call():
-        try:
-            return _api().patch_namespaced_custom_object_status(GROUP, VERSION, namespace, plural, name, patch)
-        except kubernetes.client.ApiException as error:
-            if error.status == 409 and resource_version is not None:
-                raise Conflict(f"{plural} {namespace}/{name} changed since resourceVersion {resource_version}") \
-                    from None
-            raise
-    return await asyncio.to_thread(call)
+    return await _patch("patch_namespaced_custom_object_status", plural=plural, namespace=namespace, name=name,
+                        patch=patch, resource_version=resource_version)
 
 
 async def set_finalizers(*, plural: str, namespace: str, name: str, finalizers: list[str],
@@ -68,12 +60,19 @@ async def set_finalizers(*, plural: str, namespace: str, name: str, finalizers: 
     another controller added or removed meanwhile is never undone.
     """
     patch = {"metadata": {"resourceVersion": resource_version, "finalizers": finalizers or None}}
+    return await _patch("patch_namespaced_custom_object", plural=plural, namespace=namespace, name=name,
+                        patch=patch, resource_version=resource_version)
 
+
+async def _patch(method: str, *, plural: str, namespace: str, name: str, patch: dict,
+                 resource_version: str | None) -> dict[str, Any]:
+    """Send a merge patch with the client's ``method``, off the event loop (the client too is made there, on first
+    use); with ``resource_version`` in the patch, a conflict raises :class:`Conflict`."""
     def call():
         try:
-            return _api().patch_namespaced_custom_object(GROUP, VERSION, namespace, plural, name, patch)
+            return getattr(_api(), method)(GROUP, VERSION, namespace, plural, name, patch)
         except kubernetes.client.ApiException as error:
-            if error.status == 409:
+            if error.status == 409 and resource_version is not None:
                 raise Conflict(f"{plural} {namespace}/{name} changed since resourceVersion {resource_version}") \
                     from None
             raise
