@@ -485,6 +485,58 @@ def test_an_approved_request_is_signed_once_and_retries_get_the_same_signatures(
     run(scenario())
 
 
+def test_a_batch_is_signed_in_parts_on_several_sessions_and_answered_in_order(world):
+    async def scenario():
+        signer = await world.signer(parallelism=4)
+        _, key = await setup_namespace(world, signer)
+        small = world.cluster.put("signrequests", request_object(*APPROVERS, artifacts=tuple(
+            f"small-{n}" for n in range(2 * requests.MIN_DIGESTS_PER_PART - 1))))
+        verify(public_key(key, 1), small, await world.sign(signer, small))
+        assert world.operations.count("sign") == 1  # too few digests for two parts
+
+        batch = world.cluster.put("signrequests", request_object(*APPROVERS, artifacts=tuple(
+            f"file-{n:03}.bin" for n in range(37))))
+        answer = await world.sign(signer, batch)
+        assert world.operations.count("sign") == 1 + 4
+        verify(public_key(key, 1), batch, answer)  # each signature beside its own digest
+        assert [s["hash"] for s in world.entries()[-1]["signatures"]] == [
+            audit.digest_of(base64.b64decode(s["value"])) for s in answer["signatures"]]
+    run(scenario())
+
+
+def test_a_part_that_fails_is_recorded_only_once_every_part_has_ended(world):
+    async def scenario():
+        signer = await world.signer(parallelism=2)
+        await setup_namespace(world, signer)
+        request = world.cluster.put("signrequests", request_object(*APPROVERS, artifacts=tuple(
+            f"file-{n}" for n in range(4 * requests.MIN_DIGESTS_PER_PART))))
+        second_started, release, calls = asyncio.Event(), asyncio.Event(), []
+
+        async def in_token(operation, call):
+            if operation != "sign":
+                return await world.in_token(operation, call)
+            calls.append(operation)
+            if len(calls) == 1:
+                raise hsm.HSMError("DeviceError", "the HSM hiccuped")
+            second_started.set()
+            await release.wait()  # the other part is still signing
+            return await world.in_token(operation, call)
+        signer._in_token = in_token
+        signing = asyncio.create_task(world.sign(signer, request))
+        await second_started.wait()  # the first part has failed by now
+        for _ in range(10):  # turns of the loop in which a caller not waiting for every part would go on
+            await asyncio.sleep(0)
+        assert not signing.done() and world.entries()[-1]["event"] == "Intent"
+        release.set()
+        with pytest.raises(hsm.HSMError):
+            await signing
+        intent, abandoned = world.entries()[-2:]
+        assert (intent["event"], abandoned["event"], abandoned["intent"]) == ("Intent", "Abandoned", intent["index"])
+        signer._in_token = world.in_token
+        assert len((await world.sign(signer, request))["signatures"]) == 4 * requests.MIN_DIGESTS_PER_PART
+    run(scenario())
+
+
 @pytest.mark.parametrize("algorithm", ["SHA384", "SHA512"])
 def test_digests_are_signed_as_the_algorithm_the_request_names(world, algorithm):
     async def scenario():

@@ -200,7 +200,8 @@ class Signer:
         self.requests = requests.RequestSigner(state_dir=pathlib.Path(config.state_dir),
                                                reader=requests.ClusterReader(namespace=config.namespace),
                                                in_token=self._in_token,
-                                               mac_source=lambda: self.token.audit_mac if self.token else None)
+                                               mac_source=lambda: self.token.audit_mac if self.token else None,
+                                               parallelism=min(config.sessions, os.cpu_count() or 1))
         self.authority = issuing.CertificateAuthority(self.requests)
 
     # -------------------------------------------------------------- the token
