@@ -207,6 +207,27 @@ def test_immutable_fields_cannot_change(cluster, unique):
     assert result.returncode != 0 and "spec.algorithm is immutable" in result.stderr, result.stderr
 
 
+@pytest.mark.parametrize("field, change", [
+    ("digests", lambda spec: spec["digests"].append(dict(spec["digests"][0]))),  # a duplicate name
+    ("digestAlgorithm", lambda spec: spec.update(digestAlgorithm="SHA512")),  # digests of the wrong length
+    ("format", lambda spec: spec.update(format="cosign")),  # "app.exe" is no image reference
+])
+def test_what_the_digest_rules_checked_at_creation_cannot_change_afterwards(cluster, unique, field, change):
+    # The rules over spec.digests run when a request is created, not on its updates (they would cost every
+    # status write): an update must not be able to bring in what they refuse.
+    request = sign_request()
+    request["metadata"]["name"] = unique("digests")
+    assert apply(cluster, request).returncode == 0
+    changed = copy.deepcopy(request)
+    change(changed["spec"])
+    result = kubectl_replace(cluster, changed)
+    assert result.returncode != 0 and f"spec.{field} cannot change after creation" in result.stderr, result.stderr
+    refused_at_creation = copy.deepcopy(changed)
+    refused_at_creation["metadata"]["name"] = unique("digests")
+    result = apply(cluster, refused_at_creation)
+    assert result.returncode != 0 and "spec.digests" in result.stderr, result.stderr
+
+
 def test_a_revocation_cannot_be_withdrawn(cluster, unique):
     cert = certificate()
     cert["metadata"]["name"] = unique("revoked")

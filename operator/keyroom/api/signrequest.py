@@ -63,12 +63,25 @@ _digest = obj(
     required=["name", "value"],
 )
 
-def _unique_names(what: str) -> dict:
+def _unique_names(what: str, *, at_creation: bool = False) -> dict:
     """Digest names are unique. The list is atomic (one value, as the digests never change after creation): a
     list keyed by name made the API server track each of up to 500 entries in managedFields and merge them on
     every write, which doubled the cost of creating and of each status write of a large request."""
-    return rule("self.map(d, d.name).distinct().size() == self.size()",
-                f"Duplicate value: two digests share a name; each of {what} needs a name of its own")
+    unique = rule("self.map(d, d.name).distinct().size() == self.size()",
+                  f"Duplicate value: two digests share a name; each of {what} needs a name of its own")
+    return _at_creation(unique) if at_creation else unique
+
+
+def _at_creation(check: dict) -> dict:
+    """``check`` evaluated when the object is created, and not on its updates.
+
+    For rules over spec.digests with spec.format and spec.digestAlgorithm:
+    none of them changes after creation (the rules of :func:`_unchanged`), so
+    what held at creation holds on every update. The API server evaluates a
+    CRD's rules over the whole object on every write, status writes included:
+    at 500 digests these took 7 of the 40 ms of each status write.
+    """
+    return {**check, "rule": f"oldSelf.hasValue() || ({check['rule']})", "optionalOldSelf": True}
 
 
 _attestation = obj(
@@ -144,7 +157,7 @@ SPEC = obj(
                                   default="SHA256"),
         "digests": array("The digests to sign, at most 500, each with a name unique within the request.",
                          _digest, min_items=1, max_items=MAX_DIGESTS_PER_REQUEST, list_type="atomic",
-                         rules=[_unique_names("spec.digests")]),
+                         rules=[_unique_names("spec.digests", at_creation=True)]),
         "approvals": array("Approvers' decisions, append-only; each entry is added by the approver themself "
                            "(kubectl keyroom approve NAME).", _approval, max_items=MAX_APPROVALS,
                            list_type="atomic"),
@@ -155,20 +168,21 @@ SPEC = obj(
     },
     required=["keyRef", "requester", "digests"],
     rules=[
-        rule(f"self.digests.all(d, size(d.value) == ({_length_by_algorithm}))",
-             "each digest must be the hex of a digest of digestAlgorithm "
-             "(SHA256: 64, SHA384: 96, SHA512: 128 hex characters)", field_path=".digests"),
+        _at_creation(rule(f"self.digests.all(d, size(d.value) == ({_length_by_algorithm}))",
+                          "each digest must be the hex of a digest of digestAlgorithm "
+                          "(SHA256: 64, SHA384: 96, SHA512: 128 hex characters)", field_path=".digests")),
         rule("self.format == 'jar' ? (has(self.manifest) && size(self.digests) == 1) : !has(self.manifest)",
              "format jar signs one JAR: exactly one digest (the manifest's) and spec.manifest; other formats carry "
              "no manifest", field_path=".manifest"),
         rule("self.format == 'apk' ? (has(self.apk) && size(self.digests) == 1) : !has(self.apk)",
              "format apk signs one APK: exactly one digest (its content digest) and spec.apk; other formats carry "
              "no spec.apk", field_path=".apk"),
-        rule(f"self.format != 'cosign' || (self.digestAlgorithm == 'SHA256' && "
-             f"self.digests.all(d, d.name.matches(r'{IMAGE_REFERENCE_PATTERN}')))",
-             "format cosign signs container images by digest: digestAlgorithm SHA256, each digest's value the hex "
-             "of the image manifest's sha256 and its name the image reference registry.example/path/name[:tag] "
-             "(the registry named, no @digest; a tag alone is never signed)", field_path=".digests"),
+        _at_creation(rule(
+            f"self.format != 'cosign' || (self.digestAlgorithm == 'SHA256' && "
+            f"self.digests.all(d, d.name.matches(r'{IMAGE_REFERENCE_PATTERN}')))",
+            "format cosign signs container images by digest: digestAlgorithm SHA256, each digest's value the hex "
+            "of the image manifest's sha256 and its name the image reference registry.example/path/name[:tag] "
+            "(the registry named, no @digest; a tag alone is never signed)", field_path=".digests")),
         rule(f"!(self.format in {CERTIFICATE_FORMATS!r}) || size(self.digests) <= {MAX_CERTIFICATE_DIGESTS}",
              f"cms, authenticode and jar requests carry at most {MAX_CERTIFICATE_DIGESTS} digests (each signature "
              "embeds the certificate chain); split the files over several requests", field_path=".digests"),
