@@ -201,7 +201,7 @@ class Signer:
                                                reader=requests.ClusterReader(namespace=config.namespace),
                                                in_token=self._in_token,
                                                mac_source=lambda: self.token.audit_mac if self.token else None,
-                                               parallelism=min(config.sessions, os.cpu_count() or 1))
+                                               parallelism=min(config.sessions, len(os.sched_getaffinity(0))))
         self.authority = issuing.CertificateAuthority(self.requests)
 
     # -------------------------------------------------------------- the token
