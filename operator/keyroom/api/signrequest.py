@@ -63,13 +63,12 @@ _digest = obj(
     required=["name", "value"],
 )
 
-def _unique_names(what: str, *, at_creation: bool = False) -> dict:
+def _unique_names(what: str) -> dict:
     """Digest names are unique. The list is atomic (one value, as the digests never change after creation): a
     list keyed by name made the API server track each of up to 500 entries in managedFields and merge them on
     every write, which doubled the cost of creating and of each status write of a large request."""
-    unique = rule("self.map(d, d.name).distinct().size() == self.size()",
-                  f"Duplicate value: two digests share a name; each of {what} needs a name of its own")
-    return _at_creation(unique) if at_creation else unique
+    return rule("self.map(d, d.name).distinct().size() == self.size()",
+                f"Duplicate value: two digests share a name; each of {what} needs a name of its own")
 
 
 def _at_creation(check: dict) -> dict:
@@ -157,7 +156,7 @@ SPEC = obj(
                                   default="SHA256"),
         "digests": array("The digests to sign, at most 500, each with a name unique within the request.",
                          _digest, min_items=1, max_items=MAX_DIGESTS_PER_REQUEST, list_type="atomic",
-                         rules=[_unique_names("spec.digests", at_creation=True)]),
+                         rules=[_at_creation(_unique_names("spec.digests"))]),
         "approvals": array("Approvers' decisions, append-only; each entry is added by the approver themself "
                            "(kubectl keyroom approve NAME).", _approval, max_items=MAX_APPROVALS,
                            list_type="atomic"),
