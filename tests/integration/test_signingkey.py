@@ -9,12 +9,15 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
+import os
+import signal
 import subprocess
 import uuid
 
 import pytest
 from cryptography.hazmat.primitives import serialization
 
+from keyroom.devenv import controlplane
 from keyroom.schedule import format_time, parse_time
 from keyroom.signer.hsm import KeyHandle
 from tests.conftest import apply, get, key_label, kubectl, plant_key, remove_key, token_labels, wait_for
@@ -149,6 +152,45 @@ def test_a_scheduled_destruction_is_cancelled_by_retain(cluster, unique):
     wait_for(lambda: kubectl(cluster, "get", "signingkey", name, "-n", NAMESPACE).returncode != 0, timeout=30,
              what="the SigningKey to be released")
     assert label in token_labels(cluster)
+
+
+def test_a_key_deleted_while_an_earlier_version_held_it_is_settled_before_it_goes(cluster, unique):
+    """Upgrade: earlier versions held keys with Kopf's finalizer. A key deleted under that finalizer alone cannot
+    get keyroom.dev/key-material any more; it must still be kept until its material is destroyed, not let go with
+    its material left in the HSM, unscheduled."""
+    name, _ = _ready_key(cluster, unique, destructionDelay="3s")
+    label = key_label(cluster, name, 1)
+    state = json.loads((cluster.state_dir / "state.json").read_text())
+    os.killpg(state["processes"]["operator"]["pid"], signal.SIGKILL)
+    try:
+        earlier = kubectl(cluster, "patch", "signingkey", name, "-n", NAMESPACE, "--type=merge",
+                          "-p", json.dumps({"metadata": {"finalizers": ["keyroom.dev/finalizer"]}}))
+        assert earlier.returncode == 0, earlier.stderr
+        assert kubectl(cluster, "delete", "signingkey", name, "-n", NAMESPACE, "--wait=false").returncode == 0
+    finally:
+        controlplane.start_operator(cluster)
+
+    def scheduled() -> dict | None:
+        found = kubectl(cluster, "get", "signingkey", name, "-n", NAMESPACE, "-o", "json")
+        assert found.returncode == 0, f"the key went before its material was settled; {label} stays in the token"
+        status = json.loads(found.stdout).get("status", {})
+        return status if status.get("versions", [{}])[0].get("state") == "PendingDestruction" else None
+    pending = wait_for(scheduled, what="destruction to be scheduled")
+    assert pending["versions"][0]["destroyAt"]
+    wait_for(lambda: kubectl(cluster, "get", "signingkey", name, "-n", NAMESPACE).returncode != 0, timeout=30,
+             what="the SigningKey to be gone")
+    assert label not in token_labels(cluster)
+
+
+def test_a_key_of_an_earlier_version_swaps_kopfs_finalizer_for_its_own(cluster, unique):
+    name, _ = _ready_key(cluster, unique)
+    held = kubectl(cluster, "patch", "signingkey", name, "-n", NAMESPACE, "--type=merge",
+                   "-p", json.dumps({"metadata": {"finalizers": ["keyroom.dev/finalizer", "example.com/other"]}}))
+    assert held.returncode == 0, held.stderr
+    wait_for(lambda: get(cluster, "signingkey", name, namespace=NAMESPACE)["metadata"]["finalizers"]
+             == ["example.com/other", "keyroom.dev/key-material"], what="keyroom.dev/key-material in place of Kopf's")
+    kubectl(cluster, "patch", "signingkey", name, "-n", NAMESPACE, "--type=json",
+            "-p", json.dumps([{"op": "remove", "path": "/metadata/finalizers/0"}]))
 
 
 def test_another_teams_key_is_invisible(cluster, unique):

@@ -22,15 +22,24 @@ A key's first pass adds the finalizer :data:`FINALIZER` before the signer is
 asked for anything, so no key material exists for a key that could vanish
 unsettled. Once the key is deleted, a second scheduler takes it over
 (:func:`_settle`) and removes the finalizer when the signer says its material
-is destroyed or retained. The operator has no Kopf change handler for keys:
-Kopf's diff base and progress annotations, a write on each key's creation and
-its bookkeeping on every event, were all for the one deletion handler.
+is destroyed or retained. The operator has no Kopf change handler for keys
+(but for the keys of earlier versions, below): Kopf's diff base and progress
+annotations, a write on each key's creation and its bookkeeping on every
+event, were all for the one deletion handler.
+
+Earlier versions held keys with Kopf's finalizer, :data:`KOPF_FINALIZER`.
+Kopf removes it once a key also holds :data:`FINALIZER`. A key deleted while
+held by Kopf's finalizer alone cannot get :data:`FINALIZER` (the API server
+adds no finalizer to an object being deleted): Kopf's deletion handler
+:func:`settle_key_held_by_kopf`, which matches only such keys, settles it,
+and then Kopf releases it.
 """
 from __future__ import annotations
 
+import asyncio
 import datetime
 import logging
-from typing import Any, Awaitable, Callable, Mapping
+from typing import Any, Awaitable, Callable, Mapping, NamedTuple
 
 import kopf
 
@@ -53,6 +62,8 @@ _STALLING = {"SignerUnauthenticated", "SignerForbidden", "PinIncorrect", "PinLoc
 _DELETION_POLL_SECONDS = 10.0
 #: what keeps a deleted SigningKey until the signer has settled its key material (destroyed or retained it)
 FINALIZER = "keyroom.dev/key-material"
+#: Kopf's finalizer (``settings.persistence.finalizer``), which held keys in earlier versions
+KOPF_FINALIZER = "keyroom.dev/finalizer"
 
 logger = logging.getLogger(__name__)
 
@@ -273,9 +284,30 @@ async def _settle(body: dict, *, memo: kopf.Memo) -> datetime.datetime | None:
     at once, and at once on any change) and lets the object go, by removing
     :data:`FINALIZER`, when the signer says it is finished.
     """
+    if FINALIZER not in (body["metadata"].get("finalizers") or []):
+        return None  # not held (deleted before its first pass: no key material), or held by Kopf's finalizer
+    settlement = await _ask_to_settle(body, memo=memo)
+    if settlement.again is not None:
+        return settlement.again
+    await _let_go(settlement.body)
+    if settlement.outcome is not None:
+        kopf.info(body, reason=settlement.outcome, message=_SETTLED[settlement.outcome])
+    return None
+
+
+_SETTLED = {"KeyRetained": "deletionPolicy Retain: the key material stays in the HSM",
+            "KeyDestroyed": "every version was destroyed in the HSM"}
+
+
+class _Settlement(NamedTuple):
+    body: Mapping  #: the key as last read or written
+    again: datetime.datetime | None  #: when to ask the signer again; None once it is finished
+    outcome: str | None  #: what was settled (:data:`_SETTLED`); None when the signer never held material for it
+
+
+async def _ask_to_settle(body: Mapping, *, memo: kopf.Memo) -> _Settlement:
+    """Ask the signer to settle a deleted key's material, and mirror its record into status."""
     meta, status = body["metadata"], body.get("status") or {}
-    if FINALIZER not in (meta.get("finalizers") or []):
-        return None  # not held (deleted before its first pass): the signer made no key material for it
     signer: SignerClient | None = memo.get("signer")
     if signer is None:
         raise daemon.Retry("the operator has no signer to settle the key material with")
@@ -283,8 +315,7 @@ async def _settle(body: dict, *, memo: kopf.Memo) -> datetime.datetime | None:
         record = await signer.reconcile_key(namespace=meta["namespace"], name=meta["name"], uid=meta["uid"])
     except SignerError as error:
         if error.reason == "KeyNotFound":  # the signer never held material for this key
-            await _let_go(body)
-            return None
+            return _Settlement(body, None, None)
         logger.warning("signing key %s/%s: cannot settle the key material yet: %s (%s)", meta["namespace"],
                        meta["name"], error, error.reason)
         raise daemon.Retry(str(error)) from None
@@ -299,13 +330,9 @@ async def _settle(body: dict, *, memo: kopf.Memo) -> datetime.datetime | None:
         due = schedule.parse_time(record["nextChangeAt"]) if record.get("nextChangeAt") else None
         wait = _DELETION_POLL_SECONDS if due is None else min(_DELETION_POLL_SECONDS,
                                                               max(0.0, (due - now()).total_seconds()))
-        return now() + datetime.timedelta(seconds=wait)
-    await _let_go(body)
+        return _Settlement(body, now() + datetime.timedelta(seconds=wait), None)
     retained = any(v["state"] != "Destroyed" for v in record["versions"])
-    kopf.info(body, reason="KeyRetained" if retained else "KeyDestroyed",
-              message="deletionPolicy Retain: the key material stays in the HSM" if retained
-              else "every version was destroyed in the HSM")
-    return None
+    return _Settlement(body, None, "KeyRetained" if retained else "KeyDestroyed")
 
 
 async def _let_go(body: Mapping) -> None:
@@ -317,6 +344,38 @@ async def _let_go(body: Mapping) -> None:
                                   resource_version=meta["resourceVersion"])
     except kube.Conflict:
         raise daemon.Retry("the key changed while it was let go; asking the signer again") from None
+
+
+def _held_by_kopf_alone(meta: Mapping, **_: Any) -> bool:
+    finalizers = meta.get("finalizers") or []
+    return KOPF_FINALIZER in finalizers and FINALIZER not in finalizers
+
+
+@kopf.on.delete(GROUP, VERSION, "signingkeys", when=_held_by_kopf_alone)
+async def settle_key_held_by_kopf(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    """Settle a key that an earlier version held with Kopf's finalizer and that was deleted before its first pass.
+
+    The key cannot get :data:`FINALIZER` any more, and without this handler
+    Kopf would remove its own finalizer at once: the key would go and its
+    material stay in the HSM, never scheduled for destruction. Kopf keeps its
+    finalizer until this handler returns, and calls it for no other key. It
+    asks the signer as :func:`_settle` does, in a loop of its own: Kopf's
+    retries would log each wait for the destruction delay as an error.
+    """
+    failures = 0
+    while True:
+        try:
+            settlement = await _ask_to_settle(body, memo=memo)
+        except daemon.Retry:
+            failures += 1
+            await asyncio.sleep(min(_MAX_BACKOFF, 2.0 ** failures))
+            continue
+        if settlement.again is None:
+            break
+        failures, body = 0, settlement.body
+        await asyncio.sleep(max(0.0, (settlement.again - now()).total_seconds()))
+    if settlement.outcome is not None:
+        kopf.info(body, reason=settlement.outcome, message=_SETTLED[settlement.outcome])
 
 
 @kopf.on.startup()
