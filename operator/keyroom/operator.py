@@ -23,7 +23,7 @@ from keyroom.controllers import essence
 from keyroom.controllers import notify as _notify  # noqa: F401
 from keyroom.controllers import policy as _policy  # noqa: F401
 from keyroom.controllers import readiness
-from keyroom.controllers import signingkey as _signingkey  # noqa: F401
+from keyroom.controllers import signingkey as _signingkey
 from keyroom.controllers import signrequest as _signrequest  # noqa: F401
 from keyroom.controllers import tokenaudit as _tokenaudit  # noqa: F401
 from keyroom.signer.client import SignerClient
@@ -50,7 +50,7 @@ def quiet_watch_successes(record: logging.LogRecord) -> bool:
 
 @kopf.on.startup()
 def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
-    settings.persistence.finalizer = f"{PREFIX}/finalizer"
+    settings.persistence.finalizer = _signingkey.KOPF_FINALIZER  # only keys of earlier versions hold it
     settings.persistence.progress_storage = essence.ProgressStorage(prefix=PREFIX)
     settings.persistence.diffbase_storage = essence.DiffBaseStorage(prefix=PREFIX, key="last-handled-configuration")
     settings.watching.server_timeout = 270

@@ -62,7 +62,7 @@ _STALLING = {"SignerUnauthenticated", "SignerForbidden", "PinIncorrect", "PinLoc
 _DELETION_POLL_SECONDS = 10.0
 #: what keeps a deleted SigningKey until the signer has settled its key material (destroyed or retained it)
 FINALIZER = "keyroom.dev/key-material"
-#: Kopf's finalizer (``settings.persistence.finalizer``), which held keys in earlier versions
+#: Kopf's finalizer (the operator's ``settings.persistence.finalizer``), which held keys in earlier versions
 KOPF_FINALIZER = "keyroom.dev/finalizer"
 
 logger = logging.getLogger(__name__)
@@ -353,7 +353,7 @@ def _held_by_kopf_alone(meta: Mapping, **_: Any) -> bool:
 
 @kopf.on.delete(GROUP, VERSION, "signingkeys", when=_held_by_kopf_alone)
 async def settle_key_held_by_kopf(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-    """Settle a key that an earlier version held with Kopf's finalizer and that was deleted before its first pass.
+    """Settle a key deleted while held by Kopf's finalizer alone (an earlier version's), before its first pass.
 
     The key cannot get :data:`FINALIZER` any more, and without this handler
     Kopf would remove its own finalizer at once: the key would go and its
