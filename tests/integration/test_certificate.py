@@ -10,6 +10,7 @@ import hashlib
 import json
 import pathlib
 import subprocess
+import time
 
 import pytest
 from cryptography import x509 as crypto_x509
@@ -126,6 +127,20 @@ def test_a_ca_issues_a_leaf_and_revocation_reaches_its_crl(cluster, unique, tmp_
     withdrawn = kubectl(cluster, "patch", "certificate", leaf, "-n", NAMESPACE, "--type=json", "-p",
                         '[{"op": "remove", "path": "/spec/revocation"}]')
     assert withdrawn.returncode != 0 and "cannot be withdrawn" in withdrawn.stderr
+    # once the CRL lists the leaf, the CA and its revoked leaf leave each other alone: a pass of either one that
+    # woke the other made them ask the signer and apply the CRL ConfigMap several times a second, for good
+    before = _config_map_applies(cluster)
+    time.sleep(3)  # a measurement window, not a wait for a condition
+    assert _config_map_applies(cluster) - before <= 1
+
+
+def _config_map_applies(cluster) -> int:
+    """Server-side applies of ConfigMaps the API server has served: the operator's CRL ConfigMaps are its only ones."""
+    metrics = kubectl(cluster, "get", "--raw", "/metrics")
+    assert metrics.returncode == 0, metrics.stderr
+    return sum(int(float(line.rsplit(" ", 1)[1])) for line in metrics.stdout.splitlines()
+               if line.startswith("apiserver_request_total{") and 'resource="configmaps"' in line
+               and 'verb="APPLY"' in line)
 
 
 def test_a_short_lived_certificate_is_renewed_on_the_same_key_pair(cluster, unique):

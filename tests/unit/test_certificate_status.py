@@ -90,6 +90,31 @@ def test_events_say_issued_then_renewed_then_revoked_and_crl_published():
                                 "configMap": "release-cert-crl"}
 
 
+CA_SPEC = {"keyRef": {"name": "ca-key"}, "isCA": True, "subject": {"commonName": "Team CA"}}
+CRL = {"number": 2, "thisUpdate": "x", "nextUpdate": "y", "crl": "PEM", "revokedSerials": ["ab"]}
+REVOKED = {"since": "2026-11-27T12:00:00Z", "reason": "keyCompromise"}
+
+
+def test_a_ca_wakes_its_certificates_only_when_its_certificate_revocation_or_crl_changed():
+    ca = record(crl=CRL)
+    shown = certificate.desired_status(spec=CA_SPEC, status={}, record=ca, generation=1, at=AT, name="team-ca")
+    assert certificate.follow_ups(spec=CA_SPEC, shown={}, record=ca) == (True, None)  # its first certificate
+    assert certificate.follow_ups(spec=CA_SPEC, shown=shown, record=ca) == (False, None)  # nothing new
+    assert certificate.follow_ups(spec=CA_SPEC, shown=shown, record=record(crl={**CRL, "number": 3})) == (True, None)
+    assert certificate.follow_ups(spec=CA_SPEC, shown=shown, record=record(revision=2, crl=CRL)) == (True, None)
+    assert certificate.follow_ups(spec=CA_SPEC, shown=shown, record=record(crl=CRL, revoked=REVOKED)) == (True, None)
+    assert certificate.follow_ups(spec=CA_SPEC, shown=shown, record=None) == (False, None)
+
+
+def test_a_revoked_certificate_wakes_its_ca_once_not_on_every_pass():
+    """A revoked certificate that woke its CA on every pass, while the CA woke it on every pass, was a loop."""
+    revoked = record(revoked=REVOKED)
+    assert certificate.follow_ups(spec=SPEC, shown=desired(record()), record=revoked) == (False, "team-ca")
+    assert certificate.follow_ups(spec=SPEC, shown=desired(revoked), record=revoked) == (False, None)
+    assert certificate.follow_ups(spec=SPEC, shown=desired(record()), record=record()) == (False, None)
+    assert certificate.follow_ups(spec={**SPEC, "issuerRef": None}, shown={}, record=revoked) == (False, None)
+
+
 def test_the_secret_holds_public_certificates_only():
     body = certificate.secret_body(name="release-cert", namespace="team-a", owner={"name": "c", "uid": "u"},
                                    current=record()["current"])

@@ -296,20 +296,39 @@ async def _pass(body: dict, *, memo: kopf.Memo, settings: kopf.OperatorSettings)
     meta = body["metadata"]
     body = await daemon.write_first_status(plural="certificates", body=body,
                                            message="asking the signer for the certificate")
-    revision = (body.get("status") or {}).get("revision", 0)
+    shown = body.get("status") or {}
     try:
         due, record = await reconcile(body=body, signer=memo.get("signer"), at=now(),
                                       logger=kopf.ObjectLogger(body=kopf.Body(body), settings=settings))
     except SignerError as error:
         raise (daemon.Stalled if error.reason in _FIXED_BY_A_CHANGE else daemon.Retry)(str(error)) from None
-    if record is not None and (record.get("revision", 0) != revision or record.get("crl")):
-        if body["spec"].get("isCA"):
-            _wake(memo, meta["namespace"], ca=meta["name"])  # its certificates follow a new CA cert
-    if record is not None and record.get("revoked"):
-        issuer = (body["spec"].get("issuerRef") or {}).get("ca")
-        if issuer:
-            _wake(memo, meta["namespace"], name=issuer["name"])  # its CA shows the new CRL
+    wake_issued, wake_issuer = follow_ups(spec=body["spec"], shown=shown, record=record)
+    if wake_issued:
+        _wake(memo, meta["namespace"], ca=meta["name"])
+    if wake_issuer is not None:
+        _wake(memo, meta["namespace"], name=wake_issuer)
     return due
+
+
+def follow_ups(*, spec: Mapping, shown: Mapping, record: Mapping | None) -> tuple[bool, str | None]:
+    """Whom a pass wakes, from what changed between the status shown before it and the signer's record (pure).
+
+    A CA wakes the certificates it issued when its own certificate, its
+    revocation or its CRL changed; a certificate wakes its CA when it was
+    just revoked, so that the CA's next CRL lists it. Only changes wake: a
+    CA woken by every pass of a revoked certificate it issued, which it
+    woke in turn, made the two ask the signer and publish the CRL in a loop.
+    """
+    if record is None:
+        return False, None
+    crl_number = (record.get("crl") or {}).get("number")
+    wake_issued = bool(spec.get("isCA")) and (
+        record.get("revision", 0) != shown.get("revision", 0)
+        or bool(record.get("revoked")) != bool(shown.get("revokedAt"))
+        or (crl_number is not None and crl_number != (shown.get("crl") or {}).get("number")))
+    issuer = (spec.get("issuerRef") or {}).get("ca")
+    newly_revoked = bool(record.get("revoked")) and not shown.get("revokedAt")
+    return wake_issued, issuer["name"] if issuer and newly_revoked else None
 
 
 def _seen(body: Mapping) -> tuple:
