@@ -326,3 +326,36 @@ def test_a_slow_call_shows_signing_unless_many_calls_are_in_flight(monkeypatch, 
     assert phases.count("Signed") == in_flight
     assert phases.count("Signing") == (in_flight if in_flight <= signrequest.SIGNING_SHOWN_UP_TO else 0)
     assert reconciler.requests.signing == 0
+
+
+def test_failures_that_events_bring_before_the_retry_do_not_push_it_back():
+    """A burst of failed attempts (key events while the signer restarts) leaves the retry 1 s after the first."""
+    import asyncio
+
+    from keyroom.controllers import signrequest
+
+    reconciler = signrequest.Reconciler(requests=signrequest.Requests(), signer=None, keys={}, policies={},
+                                        key_labels={})
+
+    async def scenario() -> list[float]:
+        loop, waits = asyncio.get_running_loop(), []
+        for _ in range(12):
+            reconciler._retry("team-a", "r")
+            waits.append(reconciler.requests.timers[("team-a", "r")].when() - loop.time())
+        reconciler.requests.forget("team-a", "r")
+        return waits
+    waits = asyncio.run(scenario())
+    assert all(0.9 < wait <= 1.1 for wait in waits), waits
+
+    async def after_each_retry_fell_due() -> list[float]:
+        loop, waits = asyncio.get_running_loop(), []
+        for _ in range(8):
+            key = ("team-a", "s")
+            if key in reconciler.requests.backoff:  # as if the retry ran when it was due
+                delay, due = reconciler.requests.backoff[key]
+                reconciler.requests.backoff[key] = (delay, due - datetime.timedelta(hours=1))
+            reconciler._retry(*key)
+            waits.append(round(reconciler.requests.timers[key].when() - loop.time()))
+        reconciler.requests.forget(*key)
+        return waits
+    assert asyncio.run(after_each_retry_fell_due()) == [1, 2, 4, 8, 16, 32, 60, 60]

@@ -185,7 +185,8 @@ class Requests:
     rates: dict[str, policy.RateIndex] = dataclasses.field(default_factory=dict)
     locks: dict[tuple[str, str], asyncio.Lock] = dataclasses.field(default_factory=dict)
     timers: dict[tuple[str, str], asyncio.TimerHandle] = dataclasses.field(default_factory=dict)
-    backoff: dict[tuple[str, str], float] = dataclasses.field(default_factory=dict)
+    #: (the delay of the next retry, when the retry now scheduled is due) of each request that is failing
+    backoff: dict[tuple[str, str], tuple[float, datetime.datetime]] = dataclasses.field(default_factory=dict)
     tasks: set[asyncio.Task] = dataclasses.field(default_factory=set)
     #: UIDs the signer said it has not signed, with no sign call from this process since: only these may be
     #: settled without asking the signer (a previous operator process may have asked it to sign any other)
@@ -339,9 +340,19 @@ class Reconciler:
                     self.requests.locks.pop((namespace, name), None)
 
     def _retry(self, namespace: str, name: str) -> None:
-        delay = self.requests.backoff.get((namespace, name), 1.0)
-        self.requests.backoff[(namespace, name)] = min(delay * 2, _MAX_BACKOFF)
-        self.requests.wake_at(namespace, name, now() + datetime.timedelta(seconds=delay), self)
+        """Try again later: 1 s, doubling to a minute with each retry that fell due, not with each failed attempt.
+
+        Attempts that events bring before the retry is due (key events while
+        the signer restarts, say) keep it where it is: doubling on each of
+        them pushed the delay to a minute within a second, and the request
+        then waited a minute after the signer was back.
+        """
+        key, at = (namespace, name), now()
+        delay, due = self.requests.backoff.get(key, (1.0, at))
+        if at >= due:
+            due = at + datetime.timedelta(seconds=delay)
+            self.requests.backoff[key] = (min(delay * 2, _MAX_BACKOFF), due)
+        self.requests.wake_at(namespace, name, due, self)
 
     async def _write(self, body: dict, patch: dict | None) -> dict:
         if not patch:
