@@ -10,7 +10,6 @@ import datetime
 import hashlib
 import json
 import os
-import signal
 import subprocess
 import uuid
 
@@ -21,6 +20,7 @@ from keyroom.devenv import controlplane
 from keyroom.schedule import format_time, parse_time
 from keyroom.signer.hsm import KeyHandle
 from tests.conftest import apply, get, key_label, kubectl, plant_key, remove_key, token_labels, wait_for
+from tests.integration.test_signrequest import _kill
 
 pytestmark = pytest.mark.integration
 
@@ -160,8 +160,7 @@ def test_a_key_deleted_while_an_earlier_version_held_it_is_settled_before_it_goe
     its material left in the HSM, unscheduled."""
     name, _ = _ready_key(cluster, unique, destructionDelay="3s")
     label = key_label(cluster, name, 1)
-    state = json.loads((cluster.state_dir / "state.json").read_text())
-    os.killpg(state["processes"]["operator"]["pid"], signal.SIGKILL)
+    _kill(cluster, "operator")
     try:
         earlier = kubectl(cluster, "patch", "signingkey", name, "-n", NAMESPACE, "--type=merge",
                           "-p", json.dumps({"metadata": {"finalizers": ["keyroom.dev/finalizer"]}}))
