@@ -15,8 +15,9 @@ import logging
 import kubernetes
 import pytest
 
-from keyroom.controllers import certificate, daemon, kube, signingkey
+from keyroom.controllers import certificate, daemon, kube, signingkey, signrequest
 from tests.conftest import apply, get, kubectl, wait_for
+from tests.integration.test_signrequest import _request
 
 pytestmark = pytest.mark.integration
 
@@ -101,3 +102,39 @@ def test_a_certificate_status_from_a_stale_body_is_refused(cluster, unique, as_o
     assert due == NOW + certificate._STALE_RETRY
     after = _unwritten(cluster, "certificate", name, version)
     assert after["certificate"] == shown["status"]["certificate"] and _is_ready(after)
+
+
+def test_a_request_status_from_a_stale_body_replaces_nothing_written_since(cluster, unique, as_operator):
+    """A SignRequest's status is written whole on the version it was computed from; on a newer version the
+    write is refused and only what it changes is merged: nothing the newer status holds is lost."""
+    name, created = _request(cluster, unique, unique("no-such-key"), {"a.bin": "ab" * 32})
+    assert created.returncode == 0, created.stderr
+    stale = wait_for(lambda: (o := get(cluster, "signrequest", name, namespace=NAMESPACE)).get("status", {})
+                     .get("phase") == "Pending" and o, timeout=60, what="the request to be Pending")
+    # a newer status, written after the stale body was read (as by a reconcile that ran meanwhile)
+    newer = asyncio.run(kube.patch_status(plural="signrequests", namespace=NAMESPACE, name=name,
+                                          status={"keyVersion": 7}))
+    requests = signrequest.Requests()
+    requests.remember(stale)
+    reconciler = signrequest.Reconciler(requests=requests, signer=None, keys={}, policies={}, key_labels={})
+    written = asyncio.run(reconciler._write(requests.bodies[(NAMESPACE, name)], {"message": "from a stale body"}))
+    assert written["status"]["message"] == "from a stale body"
+    assert written["status"]["keyVersion"] == 7, "a status from a stale body replaced a newer one"
+    assert int(written["metadata"]["resourceVersion"]) > int(newer["metadata"]["resourceVersion"])
+
+
+def test_a_request_status_is_replaced_whole_on_the_version_it_was_computed_from(cluster, unique, as_operator,
+                                                                             monkeypatch):
+    name, created = _request(cluster, unique, unique("no-such-key"), {"a.bin": "ab" * 32})
+    assert created.returncode == 0, created.stderr
+    current = wait_for(lambda: (o := get(cluster, "signrequest", name, namespace=NAMESPACE)).get("status", {})
+                       .get("phase") == "Pending" and o, timeout=60, what="the request to be Pending")
+    requests = signrequest.Requests()
+    requests.remember(current)
+    reconciler = signrequest.Reconciler(requests=requests, signer=None, keys={}, policies={}, key_labels={})
+
+    async def no_merge_patch(**_):
+        raise AssertionError("a status computed from the current version was merged, not replaced")
+    monkeypatch.setattr(kube, "patch_status", no_merge_patch)
+    written = asyncio.run(reconciler._write(requests.bodies[(NAMESPACE, name)], {"message": "current"}))
+    assert written["status"] == {**current["status"], "message": "current"}

@@ -30,7 +30,10 @@ their code calls, nothing for later:
 - ``keyroom-operator`` (ClusterRole, bound cluster-wide: it reconciles every
   team's namespace): get/list/watch/patch on the four kinds (Kopf watches them
   and patches metadata: its finalizer and bookkeeping annotations); patch on
-  their ``/status`` (it is the only writer of status); delete on SignRequests
+  their ``/status`` (it is the only writer of status), and update on
+  ``signrequests/status`` (a request's status is replaced whole, on the
+  version it was computed from: cheaper than a merge patch for a large
+  request); delete on SignRequests
   (removing finished requests after their TTL); create core ``events`` (Kopf
   posts core v1 Events only); get/list/watch on namespaces and
   CustomResourceDefinitions (Kopf's cluster observation); create and patch
@@ -116,6 +119,7 @@ def cluster_roles() -> list[dict]:
         _role(OPERATOR, [
             _keyroom(KINDS, [*READ, "patch"]),
             _keyroom([f"{kind}/status" for kind in KINDS], ["patch"]),
+            _keyroom(["signrequests/status"], ["update"]),  # a signed request's status is replaced, not merged
             _keyroom(["signrequests"], ["delete"]),
             {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},
             # public certificates and CRLs only (admission policy); no get/list/watch: it reads no Secret
