@@ -104,20 +104,27 @@ def test_a_certificate_status_from_a_stale_body_is_refused(cluster, unique, as_o
     assert after["certificate"] == shown["status"]["certificate"] and _is_ready(after)
 
 
+def _pending_request(cluster, unique) -> tuple[dict, signrequest.Reconciler]:
+    """A SignRequest shown Pending (its key does not exist), and a reconciler that holds it as it is now."""
+    name, created = _request(cluster, unique, unique("no-such-key"), {"a.bin": "ab" * 32})
+    assert created.returncode == 0, created.stderr
+    body = wait_for(lambda: (o := get(cluster, "signrequest", name, namespace=NAMESPACE)).get("status", {})
+                    .get("phase") == "Pending" and o, timeout=60, what="the request to be Pending")
+    requests = signrequest.Requests()
+    requests.remember(body)
+    return body, signrequest.Reconciler(requests=requests, signer=None, keys={}, policies={}, key_labels={})
+
+
 def test_a_request_status_from_a_stale_body_replaces_nothing_written_since(cluster, unique, as_operator):
     """A SignRequest's status is written whole on the version it was computed from; on a newer version the
     write is refused and only what it changes is merged: nothing the newer status holds is lost."""
-    name, created = _request(cluster, unique, unique("no-such-key"), {"a.bin": "ab" * 32})
-    assert created.returncode == 0, created.stderr
-    stale = wait_for(lambda: (o := get(cluster, "signrequest", name, namespace=NAMESPACE)).get("status", {})
-                     .get("phase") == "Pending" and o, timeout=60, what="the request to be Pending")
+    stale, reconciler = _pending_request(cluster, unique)
+    name = stale["metadata"]["name"]
     # a newer status, written after the stale body was read (as by a reconcile that ran meanwhile)
     newer = asyncio.run(kube.patch_status(plural="signrequests", namespace=NAMESPACE, name=name,
                                           status={"keyVersion": 7}))
-    requests = signrequest.Requests()
-    requests.remember(stale)
-    reconciler = signrequest.Reconciler(requests=requests, signer=None, keys={}, policies={}, key_labels={})
-    written = asyncio.run(reconciler._write(requests.bodies[(NAMESPACE, name)], {"message": "from a stale body"}))
+    held = reconciler.requests.bodies[(NAMESPACE, name)]
+    written = asyncio.run(reconciler._write(held, {"message": "from a stale body"}))
     assert written["status"]["message"] == "from a stale body"
     assert written["status"]["keyVersion"] == 7, "a status from a stale body replaced a newer one"
     assert int(written["metadata"]["resourceVersion"]) > int(newer["metadata"]["resourceVersion"])
@@ -125,16 +132,11 @@ def test_a_request_status_from_a_stale_body_replaces_nothing_written_since(clust
 
 def test_a_request_status_is_replaced_whole_on_the_version_it_was_computed_from(cluster, unique, as_operator,
                                                                              monkeypatch):
-    name, created = _request(cluster, unique, unique("no-such-key"), {"a.bin": "ab" * 32})
-    assert created.returncode == 0, created.stderr
-    current = wait_for(lambda: (o := get(cluster, "signrequest", name, namespace=NAMESPACE)).get("status", {})
-                       .get("phase") == "Pending" and o, timeout=60, what="the request to be Pending")
-    requests = signrequest.Requests()
-    requests.remember(current)
-    reconciler = signrequest.Reconciler(requests=requests, signer=None, keys={}, policies={}, key_labels={})
+    current, reconciler = _pending_request(cluster, unique)
 
     async def no_merge_patch(**_):
         raise AssertionError("a status computed from the current version was merged, not replaced")
     monkeypatch.setattr(kube, "patch_status", no_merge_patch)
-    written = asyncio.run(reconciler._write(requests.bodies[(NAMESPACE, name)], {"message": "current"}))
+    held = reconciler.requests.bodies[(NAMESPACE, current["metadata"]["name"])]
+    written = asyncio.run(reconciler._write(held, {"message": "current"}))
     assert written["status"] == {**current["status"], "message": "current"}

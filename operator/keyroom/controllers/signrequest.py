@@ -374,7 +374,7 @@ class Reconciler:
         if written is None:
             written = await kube.patch_status(plural="signrequests", namespace=meta["namespace"],
                                               name=meta["name"], status=patch)
-        event = transition(body.get("status") or {}, written.get("status") or {})
+        event = transition(status, written.get("status") or {})
         if event is not None and self.notifier is not None:
             self.notifier.notify(written, event=event)
         self.requests.remember(written)
